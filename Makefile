@@ -1,0 +1,54 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Lambda target platform; terraform's runtime/architectures must match.
+LAMBDA_PYTHON ?= 3.11
+LAMBDA_ARCH ?= x86_64
+
+.PHONY: install run test test-deployed lint build plan deploy destroy clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+run: install
+	@echo "================================================================"
+	@echo " Local development: SQLite at $${DB_PATH:-extraction_jobs.db},"
+	@echo " AUTH IS DISABLED (AUTH_DISABLED=1). Never run like this in production."
+	@echo "================================================================"
+	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port 8000
+
+test: install
+	$(BIN)/pytest
+
+# Contract tests over the network against a deployed API:
+#   API_URL=https://... API_TOKEN=... make test-deployed
+test-deployed: install
+	@test -n "$$API_URL" || { echo "API_URL is required (and API_TOKEN when auth is on)"; exit 2; }
+	$(BIN)/pytest tests/test_api.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+build:
+	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh
+
+plan: install
+	scripts/terraform.sh plan
+
+deploy: build
+	scripts/terraform.sh apply
+
+destroy:
+	scripts/terraform.sh destroy
+
+clean:
+	rm -rf build lambda.zip .pytest_cache .ruff_cache

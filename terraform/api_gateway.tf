@@ -1,0 +1,80 @@
+resource "aws_apigatewayv2_api" "main" {
+  name          = var.name
+  description   = "Extraction Job API"
+  protocol_type = "HTTP"
+
+  # No CORS unless origins are given: browsers on other origins are refused.
+  dynamic "cors_configuration" {
+    for_each = length(var.cors_allow_origins) > 0 ? [1] : []
+
+    content {
+      allow_origins = var.cors_allow_origins
+      allow_methods = ["GET", "POST", "PATCH", "OPTIONS"]
+      allow_headers = ["authorization", "content-type"]
+      max_age       = 3600
+    }
+  }
+}
+
+resource "aws_apigatewayv2_integration" "lambda" {
+  api_id                 = aws_apigatewayv2_api.main.id
+  integration_type       = "AWS_PROXY"
+  integration_method     = "POST"
+  integration_uri        = aws_lambda_function.api.invoke_arn
+  payload_format_version = "2.0"
+}
+
+# Every path goes to the function; the application routes and authenticates
+# (so /health stays public while the job routes require a token).
+resource "aws_apigatewayv2_route" "lambda" {
+  #checkov:skip=CKV_AWS_309:The application validates the Auth0 JWT itself so that /health stays public; an API Gateway authorizer would also block it
+  for_each = toset(["ANY /{proxy+}", "ANY /"])
+
+  api_id    = aws_apigatewayv2_api.main.id
+  route_key = each.key
+  target    = "integrations/${aws_apigatewayv2_integration.lambda.id}"
+}
+
+resource "aws_cloudwatch_log_group" "api_access" {
+  #checkov:skip=CKV_AWS_158:Encrypted by CloudWatch Logs' own keys; a customer-managed KMS key adds cost and a key policy to administer
+  #checkov:skip=CKV_AWS_338:Retention is var.log_retention_days (default 30 days to bound cost); set it to 365 or more where a year is required
+  name              = "/aws/apigateway/${var.name}/access"
+  retention_in_days = var.log_retention_days
+}
+
+resource "aws_apigatewayv2_stage" "default" {
+  api_id      = aws_apigatewayv2_api.main.id
+  name        = "$default"
+  auto_deploy = true
+
+  default_route_settings {
+    throttling_burst_limit = var.api_throttling_burst_limit
+    throttling_rate_limit  = var.api_throttling_rate_limit
+  }
+
+  access_log_settings {
+    destination_arn = aws_cloudwatch_log_group.api_access.arn
+    format = jsonencode({
+      requestId         = "$context.requestId"
+      requestTime       = "$context.requestTime"
+      ip                = "$context.identity.sourceIp"
+      httpMethod        = "$context.httpMethod"
+      path              = "$context.path"
+      routeKey          = "$context.routeKey"
+      status            = "$context.status"
+      responseLength    = "$context.responseLength"
+      integrationStatus = "$context.integrationStatus"
+      integrationError  = "$context.integrationErrorMessage"
+      latencyMs         = "$context.responseLatency"
+    })
+  }
+}
+
+# Only this API may invoke the function (any stage, method and path of it).
+resource "aws_lambda_permission" "api_gateway" {
+  statement_id  = "AllowInvokeFromHttpApi"
+  action        = "lambda:InvokeFunction"
+  function_name = aws_lambda_function.api.function_name
+  principal     = "apigateway.amazonaws.com"
+  source_arn    = "${aws_apigatewayv2_api.main.execution_arn}/*/*"
+}

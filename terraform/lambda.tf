@@ -1,0 +1,84 @@
+locals {
+  function_name = var.name
+
+  # The password is URL-encoded: it may contain characters that would
+  # otherwise end the userinfo part of the URL (such as ':' or '#').
+  database_url = format(
+    "postgresql://%s:%s@%s:%d/%s?sslmode=require",
+    urlencode(var.db_username),
+    urlencode(var.db_password),
+    aws_db_instance.main.address,
+    aws_db_instance.main.port,
+    var.db_name,
+  )
+}
+
+data "aws_iam_policy_document" "lambda_assume_role" {
+  statement {
+    actions = ["sts:AssumeRole"]
+
+    principals {
+      type        = "Service"
+      identifiers = ["lambda.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "lambda" {
+  name               = "${var.name}-lambda"
+  description        = "Execution role of the ${var.name} Lambda"
+  assume_role_policy = data.aws_iam_policy_document.lambda_assume_role.json
+}
+
+# Logs and the VPC network interfaces: everything the function needs, nothing more.
+resource "aws_iam_role_policy_attachment" "lambda_vpc_access" {
+  role       = aws_iam_role.lambda.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+}
+
+# Created before the function so that Lambda does not create it without a retention.
+resource "aws_cloudwatch_log_group" "lambda" {
+  #checkov:skip=CKV_AWS_158:Encrypted by CloudWatch Logs' own keys; a customer-managed KMS key adds cost and a key policy to administer
+  #checkov:skip=CKV_AWS_338:Retention is var.log_retention_days (default 30 days to bound cost); set it to 365 or more where a year is required
+  name              = "/aws/lambda/${local.function_name}"
+  retention_in_days = var.log_retention_days
+}
+
+resource "aws_lambda_function" "api" {
+  #checkov:skip=CKV_AWS_116:Invoked synchronously by API Gateway; the caller gets the error, a dead-letter queue only applies to asynchronous invocations
+  #checkov:skip=CKV_AWS_50:X-Ray tracing needs permissions beyond AWSLambdaVPCAccessExecutionRole, which the role is kept to
+  #checkov:skip=CKV_AWS_272:The package is built locally by make build; there is no signing profile in this deployment
+  #checkov:skip=CKV_AWS_173:Environment variables are encrypted at rest with the AWS-managed Lambda key; a customer-managed key adds cost and key administration
+  function_name = local.function_name
+  description   = "Extraction Job API (FastAPI behind Mangum)"
+  role          = aws_iam_role.lambda.arn
+
+  filename         = var.lambda_zip_path
+  source_code_hash = filebase64sha256(var.lambda_zip_path)
+  handler          = "lambda_handler.handler"
+  runtime          = var.lambda_runtime
+  architectures    = [var.lambda_architecture]
+  memory_size      = 512
+  timeout          = 30
+
+  reserved_concurrent_executions = var.lambda_reserved_concurrency
+
+  vpc_config {
+    subnet_ids         = aws_subnet.private[*].id
+    security_group_ids = [aws_security_group.lambda.id]
+  }
+
+  environment {
+    variables = {
+      DATABASE_URL   = local.database_url
+      AUTH0_DOMAIN   = var.auth0_domain
+      AUTH0_AUDIENCE = var.auth0_audience
+      AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
+    }
+  }
+
+  depends_on = [
+    aws_cloudwatch_log_group.lambda,
+    aws_iam_role_policy_attachment.lambda_vpc_access,
+  ]
+}

@@ -1,0 +1,34 @@
+output "api_url" {
+  description = "Base URL of the HTTP API ($default stage)."
+  value       = aws_apigatewayv2_api.main.api_endpoint
+}
+
+output "rds_endpoint" {
+  description = "Host name of the PostgreSQL instance (reachable from inside the VPC only)."
+  value       = aws_db_instance.main.address
+}
+
+output "rds_port" {
+  description = "Port of the PostgreSQL instance."
+  value       = aws_db_instance.main.port
+}
+
+output "lambda_function_name" {
+  description = "Name of the Lambda function serving the API."
+  value       = aws_lambda_function.api.function_name
+}
+
+output "lambda_log_group_name" {
+  description = "CloudWatch log group of the Lambda function."
+  value       = aws_cloudwatch_log_group.lambda.name
+}
+
+output "api_access_log_group_name" {
+  description = "CloudWatch log group of the HTTP API access logs."
+  value       = aws_cloudwatch_log_group.api_access.name
+}
+
+output "rds_log_group_names" {
+  description = "CloudWatch log groups receiving the PostgreSQL logs."
+  value       = [for group in aws_cloudwatch_log_group.rds : group.name]
+}

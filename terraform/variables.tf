@@ -1,0 +1,274 @@
+# --- General -----------------------------------------------------------------
+
+variable "aws_region" {
+  type        = string
+  description = "AWS region to deploy to."
+  default     = "us-east-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]$", var.aws_region))
+    error_message = "aws_region must be a region name such as us-east-1."
+  }
+}
+
+variable "name" {
+  type        = string
+  description = "Name of the deployment; prefixes every resource name (RDS identifier, function, API, roles, groups)."
+  default     = "extraction-jobs"
+
+  validation {
+    condition     = can(regex("^[a-z]([a-z0-9]|-[a-z0-9]){1,31}$", var.name))
+    error_message = "name must be 2-32 lower-case letters, digits and single hyphens, starting with a letter and not ending with a hyphen."
+  }
+}
+
+variable "tags" {
+  type        = map(string)
+  description = "Extra tags for every resource (added to Project and ManagedBy)."
+  default     = {}
+}
+
+# --- Network -----------------------------------------------------------------
+
+variable "vpc_cidr" {
+  type        = string
+  description = "CIDR block of the VPC, /16 to /20; the subnets are /24-equivalent slices (8 bits longer) of it."
+  default     = "10.0.0.0/16"
+
+  validation {
+    condition = (
+      can(cidrsubnet(var.vpc_cidr, 0, 0)) &&
+      try(cidrsubnet(var.vpc_cidr, 0, 0) == var.vpc_cidr, false) &&
+      try(tonumber(split("/", var.vpc_cidr)[1]) >= 16 && tonumber(split("/", var.vpc_cidr)[1]) <= 20, false)
+    )
+    error_message = "vpc_cidr must be an IPv4 network address with a prefix from /16 to /20, such as 10.0.0.0/16."
+  }
+}
+
+variable "enable_nat_gateway" {
+  type        = bool
+  description = "Create one NAT gateway (about $32 a month) for the Lambda's outbound HTTPS. A Lambda in a VPC never gets a public address, so without it the function cannot fetch Auth0's signing keys (JWKS) and authentication cannot work; turn it off only together with auth_disabled or for a network-only test."
+  default     = true
+}
+
+# --- Database ----------------------------------------------------------------
+
+variable "engine_version" {
+  type        = string
+  description = "PostgreSQL version: a major version (\"16\", minor upgrades applied automatically) or major.minor (\"16.4\"). The parameter group family follows the major version."
+  default     = "16"
+
+  validation {
+    condition     = can(regex("^1[3-9](\\.[0-9]+)?$", var.engine_version))
+    error_message = "engine_version must be a PostgreSQL major version from 13 to 19, optionally with a minor version, such as 16 or 16.4."
+  }
+}
+
+variable "db_instance_class" {
+  type        = string
+  description = "RDS instance class. db.t4g.micro (2 vCPU burstable, 1 GiB) costs about $12-15 a month."
+  default     = "db.t4g.micro"
+
+  validation {
+    condition     = can(regex("^db\\.[a-z0-9-]+\\.[a-z0-9]+$", var.db_instance_class))
+    error_message = "db_instance_class must be an RDS instance class such as db.t4g.micro."
+  }
+}
+
+variable "db_allocated_storage" {
+  type        = number
+  description = "Storage of the database in GiB (gp3, fixed: storage autoscaling is off)."
+  default     = 20
+
+  validation {
+    condition     = var.db_allocated_storage >= 20 && var.db_allocated_storage <= 65536 && floor(var.db_allocated_storage) == var.db_allocated_storage
+    error_message = "db_allocated_storage must be a whole number of GiB from 20 (the gp3 minimum) to 65536."
+  }
+}
+
+variable "db_name" {
+  type        = string
+  description = "Name of the application database created in the instance."
+  default     = "extraction_jobs"
+
+  validation {
+    condition     = can(regex("^[a-zA-Z][a-zA-Z0-9_]{0,62}$", var.db_name))
+    error_message = "db_name must be 1-63 letters, digits or underscores, starting with a letter."
+  }
+}
+
+variable "db_username" {
+  type        = string
+  description = "Master user name of the database (the application connects as this user)."
+  default     = "extraction_app"
+
+  validation {
+    condition     = can(regex("^[a-zA-Z][a-zA-Z0-9_]{0,62}$", var.db_username)) && !contains(["rdsadmin", "postgres"], lower(var.db_username))
+    error_message = "db_username must be 1-63 letters, digits or underscores, starting with a letter, and not a reserved name (rdsadmin, postgres)."
+  }
+}
+
+variable "db_password" {
+  type        = string
+  description = "Master password of the database. No default: pass it as the environment variable TF_VAR_db_password, never in a file."
+  sensitive   = true
+
+  validation {
+    condition     = length(var.db_password) >= 16 && length(var.db_password) <= 128
+    error_message = "db_password must be 16 to 128 characters long."
+  }
+
+  validation {
+    condition     = can(regex("^[!-~]+$", var.db_password)) && !can(regex("[/@\"' ]", var.db_password))
+    error_message = "db_password may contain printable ASCII characters only, and none of / @ \" ' or space (RDS rejects them)."
+  }
+}
+
+variable "multi_az" {
+  type        = bool
+  description = "Run a standby instance in the second zone (doubles the database cost)."
+  default     = false
+}
+
+variable "backup_retention_period" {
+  type        = number
+  description = "Days of automated backups to keep (1-35)."
+  default     = 7
+
+  validation {
+    condition     = var.backup_retention_period >= 1 && var.backup_retention_period <= 35 && floor(var.backup_retention_period) == var.backup_retention_period
+    error_message = "backup_retention_period must be a whole number of days from 1 to 35 (0 would turn backups off)."
+  }
+}
+
+variable "db_deletion_protection" {
+  type        = bool
+  description = "Refuse to delete the database instance. Set it to false and apply before make destroy."
+  default     = true
+}
+
+variable "db_skip_final_snapshot" {
+  type        = bool
+  description = "Delete the database without taking a final snapshot (named <name>-final otherwise)."
+  default     = false
+}
+
+# --- Function ----------------------------------------------------------------
+
+variable "lambda_zip_path" {
+  type        = string
+  description = "Path of the deployment package written by make build, relative to terraform/ or absolute."
+  default     = "../lambda.zip"
+
+  validation {
+    condition     = endswith(var.lambda_zip_path, ".zip")
+    error_message = "lambda_zip_path must name a .zip file."
+  }
+}
+
+variable "lambda_runtime" {
+  type        = string
+  description = "Lambda runtime; must match the Python version make build packaged for (LAMBDA_PYTHON, default 3.11)."
+  default     = "python3.11"
+
+  validation {
+    condition     = contains(["python3.11", "python3.12", "python3.13"], var.lambda_runtime)
+    error_message = "lambda_runtime must be python3.11, python3.12 or python3.13."
+  }
+}
+
+variable "lambda_architecture" {
+  type        = string
+  description = "Lambda instruction set; must match the architecture make build packaged for (LAMBDA_ARCH, default x86_64)."
+  default     = "x86_64"
+
+  validation {
+    condition     = contains(["x86_64", "arm64"], var.lambda_architecture)
+    error_message = "lambda_architecture must be x86_64 or arm64."
+  }
+}
+
+variable "lambda_reserved_concurrency" {
+  type        = number
+  description = "Maximum number of concurrent function instances. Each instance keeps its own connection pool, so concurrency x (pool_size + max_overflow) must stay below the database's max_connections (LEAST(DBInstanceClassMemory/9531392, 5000): roughly 80-110 on db.t4g.micro, minus a few reserved for RDS)."
+  default     = 10
+
+  validation {
+    condition     = var.lambda_reserved_concurrency >= 1 && var.lambda_reserved_concurrency <= 1000 && floor(var.lambda_reserved_concurrency) == var.lambda_reserved_concurrency
+    error_message = "lambda_reserved_concurrency must be a whole number from 1 to 1000 (a cap is required to protect the database)."
+  }
+}
+
+variable "log_retention_days" {
+  type        = number
+  description = "Days to keep the Lambda, API access and PostgreSQL logs in CloudWatch."
+  default     = 30
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a value CloudWatch accepts: 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288 or 3653."
+  }
+}
+
+# --- Authentication ----------------------------------------------------------
+
+variable "auth0_domain" {
+  type        = string
+  description = "Auth0 tenant domain the tokens come from, without scheme or path (for example your-tenant.eu.auth0.com)."
+
+  validation {
+    condition     = can(regex("^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$", var.auth0_domain))
+    error_message = "auth0_domain must be a host name such as your-tenant.eu.auth0.com, without https:// or a path."
+  }
+}
+
+variable "auth0_audience" {
+  type        = string
+  description = "Auth0 API identifier (audience) the tokens must be issued for."
+
+  validation {
+    condition     = can(regex("^\\S+$", var.auth0_audience))
+    error_message = "auth0_audience must be a non-empty identifier without spaces."
+  }
+}
+
+variable "auth_disabled" {
+  type        = bool
+  description = "Turn authentication off (AUTH_DISABLED=1): anyone who knows the URL can read and change jobs. For short-lived test deployments only."
+  default     = false
+}
+
+# --- API ---------------------------------------------------------------------
+
+variable "api_throttling_burst_limit" {
+  type        = number
+  description = "Requests the API accepts in a burst before throttling (default route)."
+  default     = 100
+
+  validation {
+    condition     = var.api_throttling_burst_limit >= 1 && var.api_throttling_burst_limit <= 5000 && floor(var.api_throttling_burst_limit) == var.api_throttling_burst_limit
+    error_message = "api_throttling_burst_limit must be a whole number from 1 to 5000."
+  }
+}
+
+variable "api_throttling_rate_limit" {
+  type        = number
+  description = "Steady-state requests per second the API accepts (default route)."
+  default     = 50
+
+  validation {
+    condition     = var.api_throttling_rate_limit > 0 && var.api_throttling_rate_limit <= 10000
+    error_message = "api_throttling_rate_limit must be greater than 0 and at most 10000."
+  }
+}
+
+variable "cors_allow_origins" {
+  type        = list(string)
+  description = "Browser origins allowed to call the API (for example https://app.example.com). Empty (the default): no CORS headers, so only same-origin and non-browser clients."
+  default     = []
+
+  validation {
+    condition     = alltrue([for origin in var.cors_allow_origins : can(regex("^https?://[^/\\s]+$", origin))])
+    error_message = "cors_allow_origins must be origins such as https://app.example.com: a scheme and a host, no path, no wildcard."
+  }
+}

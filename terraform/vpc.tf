@@ -1,0 +1,177 @@
+# A VPC of its own over two zones with three subnet tiers:
+#   public   (internet gateway, the NAT gateway)
+#   private  (the Lambda; out to the internet through the NAT gateway only)
+#   database (RDS; no route out at all)
+
+resource "aws_vpc" "main" {
+  #checkov:skip=CKV2_AWS_11:Flow logs are billed per GB ingested and nothing here consumes them; the only ingress path is API Gateway, whose access logs are kept
+  cidr_block           = var.vpc_cidr
+  enable_dns_support   = true
+  enable_dns_hostnames = true
+
+  tags = { Name = var.name }
+}
+
+# Take every rule off the VPC's default security group so nothing can use it
+# by accident.
+resource "aws_default_security_group" "default" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-default-unused" }
+}
+
+resource "aws_subnet" "public" {
+  count = length(local.azs)
+
+  vpc_id            = aws_vpc.main.id
+  availability_zone = local.azs[count.index]
+  cidr_block        = cidrsubnet(var.vpc_cidr, 8, count.index)
+
+  tags = { Name = "${var.name}-public-${local.azs[count.index]}", Tier = "public" }
+}
+
+resource "aws_subnet" "private" {
+  count = length(local.azs)
+
+  vpc_id            = aws_vpc.main.id
+  availability_zone = local.azs[count.index]
+  cidr_block        = cidrsubnet(var.vpc_cidr, 8, 10 + count.index)
+
+  tags = { Name = "${var.name}-private-${local.azs[count.index]}", Tier = "private" }
+}
+
+resource "aws_subnet" "database" {
+  count = length(local.azs)
+
+  vpc_id            = aws_vpc.main.id
+  availability_zone = local.azs[count.index]
+  cidr_block        = cidrsubnet(var.vpc_cidr, 8, 20 + count.index)
+
+  tags = { Name = "${var.name}-database-${local.azs[count.index]}", Tier = "database" }
+}
+
+resource "aws_internet_gateway" "main" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = var.name }
+}
+
+resource "aws_route_table" "public" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-public" }
+}
+
+resource "aws_route" "public_internet" {
+  route_table_id         = aws_route_table.public.id
+  destination_cidr_block = "0.0.0.0/0"
+  gateway_id             = aws_internet_gateway.main.id
+}
+
+resource "aws_route_table_association" "public" {
+  count = length(aws_subnet.public)
+
+  subnet_id      = aws_subnet.public[count.index].id
+  route_table_id = aws_route_table.public.id
+}
+
+# One NAT gateway (in the first zone) to keep the cost down; the Lambda needs
+# it to reach Auth0's JWKS endpoint.
+resource "aws_eip" "nat" {
+  count = var.enable_nat_gateway ? 1 : 0
+
+  domain = "vpc"
+
+  tags = { Name = "${var.name}-nat" }
+}
+
+resource "aws_nat_gateway" "main" {
+  count = var.enable_nat_gateway ? 1 : 0
+
+  allocation_id = aws_eip.nat[0].id
+  subnet_id     = aws_subnet.public[0].id
+
+  tags = { Name = var.name }
+
+  depends_on = [aws_internet_gateway.main]
+}
+
+resource "aws_route_table" "private" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-private" }
+}
+
+resource "aws_route" "private_nat" {
+  count = var.enable_nat_gateway ? 1 : 0
+
+  route_table_id         = aws_route_table.private.id
+  destination_cidr_block = "0.0.0.0/0"
+  nat_gateway_id         = aws_nat_gateway.main[0].id
+}
+
+resource "aws_route_table_association" "private" {
+  count = length(aws_subnet.private)
+
+  subnet_id      = aws_subnet.private[count.index].id
+  route_table_id = aws_route_table.private.id
+}
+
+# Database subnets get a route table with no routes beyond the VPC's own.
+resource "aws_route_table" "database" {
+  vpc_id = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-database" }
+}
+
+resource "aws_route_table_association" "database" {
+  count = length(aws_subnet.database)
+
+  subnet_id      = aws_subnet.database[count.index].id
+  route_table_id = aws_route_table.database.id
+}
+
+# Security groups. Terraform removes the default allow-all egress rule of a
+# new group, so only the rules below exist.
+resource "aws_security_group" "lambda" {
+  name        = "${var.name}-lambda"
+  description = "Extraction Job API Lambda: no ingress; egress HTTPS and PostgreSQL only"
+  vpc_id      = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-lambda" }
+}
+
+resource "aws_security_group" "database" {
+  name        = "${var.name}-database"
+  description = "Extraction Job API database: PostgreSQL from the Lambda only"
+  vpc_id      = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-database" }
+}
+
+resource "aws_vpc_security_group_egress_rule" "lambda_https" {
+  security_group_id = aws_security_group.lambda.id
+  description       = "HTTPS out (Auth0 JWKS) through the NAT gateway"
+  ip_protocol       = "tcp"
+  from_port         = 443
+  to_port           = 443
+  cidr_ipv4         = "0.0.0.0/0"
+}
+
+resource "aws_vpc_security_group_egress_rule" "lambda_postgres" {
+  security_group_id            = aws_security_group.lambda.id
+  description                  = "PostgreSQL to the database group"
+  ip_protocol                  = "tcp"
+  from_port                    = 5432
+  to_port                      = 5432
+  referenced_security_group_id = aws_security_group.database.id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "database_from_lambda" {
+  security_group_id            = aws_security_group.database.id
+  description                  = "PostgreSQL from the Lambda group only"
+  ip_protocol                  = "tcp"
+  from_port                    = 5432
+  to_port                      = 5432
+  referenced_security_group_id = aws_security_group.lambda.id
+}

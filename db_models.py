@@ -1,0 +1,126 @@
+"""The `extraction_job` table in SQLAlchemy 2.0's typed declarative style."""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from models import MAX_PRIORITY, MIN_PRIORITY, JobStatus
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC timestamp on every backend.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so values are
+    stored as naive UTC there and made aware again on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: datetime | None, dialect: Any
+    ) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; timestamps must be timezone-aware")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: datetime | None, dialect: Any
+    ) -> datetime | None:
+        if value is None:
+            return None
+        return (
+            value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        )
+
+
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements an INTEGER PRIMARY KEY.
+Sequence = BigInteger().with_variant(Integer(), "sqlite")
+
+STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
+PENDING = text(f"status = '{JobStatus.PENDING.value}'")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ExtractionJob(Base):
+    """One job per ingested document.
+
+    `seq` is the creation order: a database-assigned counter, so listing and
+    claiming stay deterministic even for jobs created in the same microsecond.
+    The public identifier is the UUID `id`.
+    """
+
+    __tablename__ = "extraction_job"
+
+    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    document_id: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    # `metadata` is reserved on declarative classes, hence the attribute name.
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column(
+        "metadata", JSONDocument
+    )
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+
+    __table_args__ = (
+        CheckConstraint(
+            f"status IN ({STATUS_VALUES})", name="ck_extraction_job_status"
+        ),
+        CheckConstraint(
+            f"priority BETWEEN {MIN_PRIORITY} AND {MAX_PRIORITY}",
+            name="ck_extraction_job_priority",
+        ),
+        CheckConstraint("attempts >= 0", name="ck_extraction_job_attempts"),
+        # The list filters, each in creation order.
+        Index("ix_extraction_job_document_id", "document_id", "seq"),
+        Index("ix_extraction_job_status", "status", "seq"),
+        # The claim query: pending jobs, most urgent first, then oldest.
+        Index(
+            "ix_extraction_job_pending_claim",
+            text("priority DESC"),
+            "seq",
+            postgresql_where=PENDING,
+            sqlite_where=PENDING,
+        ),
+        # One job per idempotency key and caller; anonymous callers share ''.
+        Index(
+            "uq_extraction_job_idempotency",
+            func.coalesce(text("created_by"), ""),
+            "idempotency_key",
+            unique=True,
+        ),
+    )

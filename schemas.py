@@ -1,0 +1,45 @@
+"""Conversion from ORM rows to the HTTP contract, so no ORM object leaves the repository."""
+
+import uuid
+
+from db_models import ExtractionJob
+from models import Job, JobStatus
+
+
+def to_job(row: ExtractionJob) -> Job:
+    return Job(
+        id=str(row.id),
+        document_id=row.document_id,
+        status=JobStatus(row.status),
+        priority=row.priority,
+        metadata=row.job_metadata,
+        error_message=row.error_message,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        created_by=row.created_by,
+        attempts=row.attempts,
+        worker_id=row.worker_id,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        version=row.version,
+    )
+
+
+def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:
+    return ExtractionJob(
+        id=uuid.UUID(job.id),
+        document_id=job.document_id,
+        status=job.status.value,
+        priority=job.priority,
+        job_metadata=job.metadata,
+        error_message=job.error_message,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        created_by=job.created_by,
+        attempts=job.attempts,
+        worker_id=job.worker_id,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        version=job.version,
+        idempotency_key=idempotency_key,
+    )

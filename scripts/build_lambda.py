@@ -1,0 +1,271 @@
+"""Build lambda.zip: the app modules plus Linux wheels of requirements.txt.
+
+Usage (normally through `make build` / scripts/build_lambda.sh):
+    LAMBDA_PYTHON=3.11 LAMBDA_ARCH=x86_64 python scripts/build_lambda.py [--output PATH]
+
+The dependencies are binary wheels for the Lambda platform, never for the build
+machine, so a build on macOS or Windows gives the same Linux package. Every ELF
+file in the package is then checked against the target CPU and the runtime's
+glibc. The zip is reproducible: sorted entries, fixed timestamps and
+permissions, bytecode with unchecked hashes (no mtimes).
+"""
+
+import argparse
+import compileall
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import lambda_elf
+
+REPO = Path(__file__).resolve().parent.parent
+APP_MODULES = (
+    "main.py",
+    "auth.py",
+    "database.py",
+    "db_models.py",
+    "models.py",
+    "repository.py",
+    "schemas.py",
+    "service.py",
+    "lambda_handler.py",
+)
+WHEEL_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
+OLDEST_MANYLINUX_GLIBC = 17  # manylinux2014, the baseline of Linux wheels
+MAX_ZIPPED = 50 * 2**20  # Lambda's limit for a direct upload
+MAX_UNZIPPED = 250 * 2**20
+ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can hold
+TASK_ROOT = "/var/task"  # where Lambda unpacks the zip; named in tracebacks
+
+# Never run in Lambda: test suites, type stubs, docs, C sources and headers,
+# console scripts. Paths are relative to the package root.
+PRUNE_DIRS = ("bin", "sqlalchemy/testing", "fastapi/.agents")
+PRUNE_DIR_NAMES = ("tests", "test")
+PRUNE_FILE_PATTERNS = (
+    "test_*.py",
+    "*.pyi",
+    "py.typed",
+    "*.c",
+    "*.h",
+    "*.pxd",
+    "*.pyx",
+    "sqlalchemy/dialects/*/provision.py",  # fixtures for sqlalchemy.testing
+)
+
+
+def runtime_glibc(python_version: str) -> int:
+    """glibc minor version of the Lambda runtime's OS.
+
+    python3.8-3.11 run on Amazon Linux 2 (glibc 2.26), python3.12+ on
+    Amazon Linux 2023 (glibc 2.34).
+    """
+    minor = int(python_version.split(".")[1])
+    return 26 if minor <= 11 else 34
+
+
+def platform_tags(wheel_arch: str, glibc: int) -> list[str]:
+    """Every manylinux tag the runtime accepts, newest first.
+
+    Listed explicitly: with manylinux2014 alone pip never considers wheels such
+    as psycopg2-binary's aarch64 ones (manylinux_2_27/2_28 only).
+    """
+    tags = [f"manylinux_2_{minor}_{wheel_arch}" for minor in range(glibc, 16, -1)]
+    return tags + [f"manylinux2014_{wheel_arch}"]
+
+
+def install_dependencies(target: Path, python_version: str, wheel_arch: str) -> None:
+    platforms = platform_tags(wheel_arch, runtime_glibc(python_version))
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile"]
+    command += ["--disable-pip-version-check", "--only-binary=:all:"]
+    command += ["--implementation", "cp", "--python-version", python_version]
+    for platform in platforms:
+        command += ["--platform", platform]
+    command += ["--target", str(target), "-r", str(REPO / "requirements.txt")]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        glibc = runtime_glibc(python_version)
+        hint = ""
+        if wheel_arch == "aarch64" and glibc < 27:
+            hint = (
+                "; psycopg2-binary's aarch64 wheels need glibc 2.27 and python3.11 "
+                "and older run on Amazon Linux 2 (glibc 2.26): use LAMBDA_PYTHON=3.12+"
+            )
+        fail(
+            f"no wheels of requirements.txt fit python{python_version} on "
+            f"{wheel_arch} with glibc <= 2.{glibc}{hint}"
+        )
+
+
+def prune(root: Path) -> int:
+    """Delete what never runs in Lambda from the dependencies; return bytes saved."""
+    doomed = [root / relative for relative in PRUNE_DIRS]
+    doomed += [path for name in PRUNE_DIR_NAMES for path in root.rglob(name)]
+    doomed += [path for pattern in PRUNE_FILE_PATTERNS for path in root.rglob(pattern)]
+    doomed += [path for path in root.rglob("*.md") if ".dist-info" not in str(path)]
+    saved = 0
+    for path in doomed:
+        if path.is_dir():
+            saved += tree_size(path)
+            shutil.rmtree(path)
+        elif path.is_file():
+            saved += path.stat().st_size
+            path.unlink()
+    return saved
+
+
+def copy_app_modules(root: Path) -> None:
+    missing = [name for name in APP_MODULES if not (REPO / name).is_file()]
+    if missing:
+        fail(f"app modules missing from {REPO}: {', '.join(missing)}")
+    for name in APP_MODULES:
+        shutil.copyfile(REPO / name, root / name)
+
+
+def compile_bytecode(root: Path) -> None:
+    """Ship .pyc so cold starts skip compiling (the task root is read-only).
+
+    Unchecked-hash .pyc hold no timestamps (reproducible) and are trusted without
+    reading the source; file names point to /var/task as on Lambda.
+    """
+    compiled = compileall.compile_dir(
+        root,
+        ddir=TASK_ROOT,
+        quiet=1,
+        workers=0,
+        optimize=0,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    if not compiled:
+        fail("compileall failed on a module of the package")
+
+
+def warn_no_bytecode(python_version: str) -> None:
+    running = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    banner = "!" * 78
+    print(
+        f"{banner}\nWARNING: NO BYTECODE IN THE PACKAGE. The build runs on Python "
+        f"{running}, the target is {python_version};\nbytecode only fits the "
+        "interpreter version that wrote it, so every cold start will compile all "
+        "modules\nfrom source (seconds, not a fraction). Build with Python "
+        f"{python_version}: BUILD_PYTHON=python{python_version} make build\n{banner}",
+        file=sys.stderr,
+    )
+
+
+def verify_binaries(root: Path, python_version: str, wheel_arch: str) -> int:
+    """Fail unless every ELF file fits the target CPU, runtime glibc and Python."""
+    glibc = runtime_glibc(python_version)
+    abi = "cpython-" + python_version.replace(".", "")
+    problems, count = [], 0
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not lambda_elf.is_elf(path):
+            continue
+        count += 1
+        data = path.read_bytes()
+        relative = path.relative_to(root)
+        cpu = lambda_elf.machine(data)
+        if cpu != wheel_arch:
+            problems.append(f"{relative}: built for {cpu}, not {wheel_arch}")
+            continue
+        needed = lambda_elf.required_glibc(data)
+        if needed > (2, glibc):
+            problems.append(
+                f"{relative}: needs glibc {needed[0]}.{needed[1]} > 2.{glibc}"
+            )
+        tag = re.search(r"\.(cpython-\d+)-", path.name)
+        if tag and tag[1] != abi:
+            problems.append(f"{relative}: built for {tag[1]}, not {abi}")
+    if problems:
+        fail("binaries that cannot load on the target:\n  " + "\n  ".join(problems))
+    return count
+
+
+def write_zip(root: Path, output: Path) -> int:
+    """Zip `root` reproducibly; return the unzipped size in bytes."""
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    partial = output.with_name(output.name + ".partial")
+    unzipped = 0
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zip_:
+        for path in files:
+            if path.is_symlink():
+                fail(f"symlink in the package: {path}")
+            entry = zipfile.ZipInfo(path.relative_to(root).as_posix(), ZIP_TIMESTAMP)
+            entry.create_system = 3  # Unix, whatever the build machine
+            entry.external_attr = 0o100644 << 16  # regular file, rw-r--r--
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            data = path.read_bytes()
+            unzipped += len(data)
+            zip_.writestr(entry, data)
+    os.replace(partial, output)
+    return unzipped
+
+
+def tree_size(path: Path) -> int:
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def fail(message: str) -> None:
+    print(f"build_lambda: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "lambda.zip")
+    parser.add_argument(
+        "--work-dir", type=Path, help="staging folder (default build/lambda-VER-ARCH)"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    python_version = os.environ.get("LAMBDA_PYTHON") or "3.11"
+    arch = os.environ.get("LAMBDA_ARCH") or "x86_64"
+    if not re.fullmatch(r"3\.\d+", python_version):
+        fail(f"LAMBDA_PYTHON must look like 3.11, got {python_version!r}")
+    if arch not in WHEEL_ARCH:
+        fail(f"LAMBDA_ARCH must be one of {', '.join(WHEEL_ARCH)}, got {arch!r}")
+    wheel_arch = WHEEL_ARCH[arch]
+    work_dir = args.work_dir or REPO / "build" / f"lambda-{python_version}-{arch}"
+    root = work_dir / "package"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+
+    print(f"build_lambda: python{python_version} {arch}: installing requirements.txt")
+    install_dependencies(root, python_version, wheel_arch)
+    saved = prune(root)
+    copy_app_modules(root)
+    binaries = verify_binaries(root, python_version, wheel_arch)
+    with_bytecode = python_version == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if with_bytecode:
+        compile_bytecode(root)
+    else:
+        warn_no_bytecode(python_version)
+    output = args.output.resolve()
+    unzipped = write_zip(root, output)
+    zipped = output.stat().st_size
+    print(
+        f"build_lambda: wrote {output}: {mib(zipped)} zipped, {mib(unzipped)} "
+        f"unzipped (limits 50 / 250 MiB); {binaries} ELF files checked for "
+        f"{wheel_arch} and glibc <= 2.{runtime_glibc(python_version)}; "
+        f"bytecode: {'yes' if with_bytecode else 'NO'}; pruned {mib(saved)} "
+        "(tests, stubs, docs, C sources, scripts)"
+    )
+    if zipped > MAX_ZIPPED or unzipped > MAX_UNZIPPED:
+        output.unlink()
+        fail("the package exceeds Lambda's size limits; removed it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Auth0 bearer-token validation for the /extraction-jobs routes.
+
+Tokens are RS256 JWTs checked against the tenant's JWKS, which is fetched lazily
+and cached per app instance. Errors follow RFC 6750 (401 / 403 / 503).
+
+jose, cryptography and httpx are imported inside the functions that need them,
+so a process with auth disabled (or a Lambda cold start before the first
+request) never pays for loading them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+logger = logging.getLogger(__name__)
+
+READ_SCOPE = "read:extraction-jobs"
+WRITE_SCOPE = "write:extraction-jobs"
+
+REALM = "extraction-jobs"
+ALGORITHM = "RS256"
+LEEWAY_SECONDS = 60
+JWKS_TIMEOUT_SECONDS = 5.0
+JWKS_TTL_SECONDS = 600.0
+UNKNOWN_KID_COOLDOWN_SECONDS = 30.0
+FAILED_FETCH_BACKOFF_SECONDS = 10.0
+
+_TRUE_VALUES = {"1", "true", "yes"}
+_FALSE_VALUES = {"0", "false", "no", "off"}
+_MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
+
+
+class AuthConfigError(RuntimeError):
+    """Auth is enabled but its configuration is incomplete."""
+
+
+class InvalidToken(Exception):
+    """The token cannot be accepted; the message is safe to show the client."""
+
+
+class JwksFetchError(Exception):
+    """The JWKS could not be fetched or held no usable key."""
+
+
+class KeysUnavailable(Exception):
+    """No signing keys are held and the JWKS cannot be fetched right now."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("signing keys unavailable")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Principal:
+    sub: str | None
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    issuer: str
+    audience: str
+    jwks_url: str
+    require_scopes: bool = True
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def authenticator_from_env() -> Authenticator | None:
+    """Build the authenticator from the environment; None when auth is disabled.
+
+    Raises AuthConfigError naming the missing variables. Does no network I/O.
+    """
+    if _env("AUTH_DISABLED").lower() in _TRUE_VALUES:
+        function_name = _env("AWS_LAMBDA_FUNCTION_NAME")
+        if function_name:
+            logger.warning(
+                "AUTH_DISABLED is set in Lambda function %s: /extraction-jobs "
+                "accepts requests without any token.",
+                function_name,
+            )
+        return None
+    missing = [name for name in ("AUTH0_DOMAIN", "AUTH0_AUDIENCE") if not _env(name)]
+    if missing:
+        raise AuthConfigError(
+            f"Auth is enabled but {' and '.join(missing)} is not set; "
+            "set it, or set AUTH_DISABLED=1 for local development only."
+        )
+    domain = _env("AUTH0_DOMAIN").removeprefix("https://").rstrip("/")
+    settings = AuthSettings(
+        issuer=_env("AUTH0_ISSUER") or f"https://{domain}/",
+        audience=_env("AUTH0_AUDIENCE"),
+        jwks_url=_env("AUTH0_JWKS_URL") or f"https://{domain}/.well-known/jwks.json",
+        require_scopes=_env("AUTH_REQUIRE_SCOPES").lower() not in _FALSE_VALUES,
+    )
+    return Authenticator(settings)
+
+
+class JwksCache:
+    """Signing keys by kid, refreshed lazily and never more often than needed.
+
+    Requests whose kid is held and fresh never take the lock. When the keys are
+    stale, one thread refreshes while the others keep using what is held. An
+    unknown kid refetches only if the last fetch is UNKNOWN_KID_COOLDOWN_SECONDS
+    old, so made-up kids cannot hammer the JWKS endpoint; after a failed fetch
+    nothing is fetched for FAILED_FETCH_BACKOFF_SECONDS.
+    """
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.url = url
+        self.clock = clock
+        self._keys: dict[str, Any] = {}
+        self._fresh_until = -math.inf
+        self._no_fetch_until = -math.inf
+        self._next_kid_refetch = -math.inf
+        self._lock = threading.Lock()
+
+    def key_for(self, kid: str) -> Any | None:
+        """The key for kid, or None if the JWKS does not list it.
+
+        Raises KeysUnavailable when no keys are held and fetching fails.
+        """
+        held = self._keys
+        if kid in held:
+            if self.clock() < self._fresh_until:
+                return held[kid]
+            if not self._lock.acquire(blocking=False):
+                return held[kid]
+        else:
+            self._lock.acquire()
+        try:
+            self._refresh_if_due(kid)
+            if not self._keys:
+                wait = self._no_fetch_until - self.clock()
+                raise KeysUnavailable(retry_after=max(1, math.ceil(wait)))
+            return self._keys.get(kid)
+        finally:
+            self._lock.release()
+
+    def _refresh_if_due(self, kid: str) -> None:
+        now = self.clock()
+        if now < self._no_fetch_until:
+            return
+        if now < self._fresh_until and (
+            kid in self._keys or now < self._next_kid_refetch
+        ):
+            return
+        self._next_kid_refetch = now + UNKNOWN_KID_COOLDOWN_SECONDS
+        try:
+            keys, ttl = self._fetch()
+        except JwksFetchError as error:
+            logger.warning("JWKS fetch from %s failed: %s", self.url, error)
+            self._no_fetch_until = now + FAILED_FETCH_BACKOFF_SECONDS
+            return
+        self._keys = keys
+        self._fresh_until = now + ttl
+
+    def _fetch(self) -> tuple[dict[str, Any], float]:
+        """The usable keys by kid and how long they stay fresh."""
+        import httpx
+
+        try:
+            response = httpx.get(self.url, timeout=JWKS_TIMEOUT_SECONDS)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
+            raise JwksFetchError(str(error) or type(error).__name__) from error
+        keys = _signing_keys(document)
+        if not keys:
+            raise JwksFetchError("the JWKS holds no usable RS256 signing key")
+        return keys, _ttl(response.headers.get("cache-control", ""))
+
+
+def _signing_keys(document: Any) -> dict[str, Any]:
+    """RS256 signing keys by kid; entries that are not such keys are skipped."""
+    from jose import jwk
+    from jose.exceptions import JWKError
+
+    entries = document.get("keys") if isinstance(document, dict) else None
+    keys = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if not _is_rs256_signing_key(entry):
+            continue
+        try:
+            keys[entry["kid"]] = jwk.construct(entry, algorithm=ALGORITHM)
+        except JWKError as error:
+            logger.warning("Skipping JWK %r: %s", entry["kid"], error)
+    return keys
+
+
+def _is_rs256_signing_key(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("kty") == "RSA"
+        and isinstance(entry.get("kid"), str)
+        and entry.get("use", "sig") == "sig"
+        and entry.get("alg", ALGORITHM) == ALGORITHM
+    )
+
+
+def _ttl(cache_control: str) -> float:
+    match = _MAX_AGE.search(cache_control)
+    if match is None:
+        return JWKS_TTL_SECONDS
+    return min(JWKS_TTL_SECONDS, float(match.group(1)))
+
+
+class Authenticator:
+    """Validates access tokens for one app instance (holds its own JWKS cache)."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self.jwks = JwksCache(settings.jwks_url)
+
+    @property
+    def require_scopes(self) -> bool:
+        return self.settings.require_scopes
+
+    def authenticate(self, token: str) -> Principal:
+        """Validate the token and return who sent it with which scopes.
+
+        Raises InvalidToken (401) or KeysUnavailable (503).
+        """
+        from jose import jwt
+        from jose.exceptions import ExpiredSignatureError, JWTError
+
+        try:
+            header = jwt.get_unverified_header(token)
+        except JWTError:
+            raise InvalidToken("The token is not a well-formed JWT.") from None
+        if header.get("alg") != ALGORITHM:
+            raise InvalidToken(f"The token must be signed with {ALGORITHM}.")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("The token header has no key id (kid).")
+        key = self.jwks.key_for(kid)
+        if key is None:
+            raise InvalidToken("The token is signed with an unknown key (kid).")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                options={
+                    "require_exp": True,
+                    "require_iss": True,
+                    "require_aud": True,
+                    "verify_at_hash": False,
+                    "leeway": LEEWAY_SECONDS,
+                },
+            )
+        except ExpiredSignatureError:
+            raise InvalidToken("The token has expired.") from None
+        except JWTError as error:
+            raise InvalidToken(_describe(error)) from None
+        return Principal(sub=_string_or_none(claims.get("sub")), scopes=_scopes(claims))
+
+
+def _describe(error: Exception) -> str:
+    """jose's message in words a client developer can act on."""
+    message = str(error).replace('"', "'")
+    known = {
+        "Signature verification failed.": "The token signature is invalid.",
+        "Invalid audience": "The token is not issued for this API (wrong audience).",
+        "Invalid issuer": "The token is not issued by the expected issuer.",
+        "The token is not yet valid (nbf)": "The token is not valid yet (nbf).",
+    }
+    return known.get(message, f"The token is invalid: {message}")
+
+
+def _string_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """Union of the space-separated `scope` claim and Auth0's RBAC `permissions`."""
+    scope = claims.get("scope")
+    permissions = claims.get("permissions")
+    granted = set(scope.split()) if isinstance(scope, str) else set()
+    if isinstance(permissions, list):
+        granted.update(item for item in permissions if isinstance(item, str))
+    return frozenset(granted)
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Auth0 access token for the extraction-jobs API.",
+)
+
+
+def _challenge(**params: str) -> dict[str, str]:
+    fields = [f'realm="{REALM}"'] + [
+        f'{name}="{value}"' for name, value in params.items()
+    ]
+    return {"WWW-Authenticate": "Bearer " + ", ".join(fields)}
+
+
+def require_scope(scope: str) -> Callable[..., Principal]:
+    """A dependency that admits a request whose token grants `scope`."""
+
+    def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        authenticator: Authenticator | None = request.app.state.authenticator
+        if authenticator is None:
+            return Principal(sub=None, scopes=frozenset())
+        if credentials is None:
+            raise HTTPException(
+                status_code=401,
+                detail="Missing bearer token: send 'Authorization: Bearer <access token>'.",
+                headers=_challenge(),
+            )
+        try:
+            principal = authenticator.authenticate(credentials.credentials)
+        except InvalidToken as error:
+            raise HTTPException(
+                status_code=401,
+                detail=f"Invalid access token: {error}",
+                headers=_challenge(error="invalid_token", error_description=str(error)),
+            ) from None
+        except KeysUnavailable as error:
+            raise HTTPException(
+                status_code=503,
+                detail="Token signing keys are unavailable right now; retry later.",
+                headers={"Retry-After": str(error.retry_after)},
+            ) from None
+        if authenticator.require_scopes and scope not in principal.scopes:
+            raise HTTPException(
+                status_code=403,
+                detail=f"The token lacks the '{scope}' permission.",
+                headers=_challenge(error="insufficient_scope", scope=scope),
+            )
+        return principal
+
+    return dependency

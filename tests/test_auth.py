@@ -1,0 +1,695 @@
+"""Auth0 bearer-token validation against a real JWKS server on 127.0.0.1.
+
+Keys are generated here; tokens are signed with them. Auth is switched on per
+test (the rest of the suite runs with AUTH_DISABLED=1).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from jose import jwk, jwt
+
+import auth
+from tests.jwks_server import JwksServer, RsaTestKey
+
+AUDIENCE = "https://extraction-jobs.example.invalid"
+DOMAIN = "tenant.example.invalid"
+ISSUER = f"https://{DOMAIN}/"
+SUBJECT = "auth0|test-user"
+BOTH_SCOPES = f"{auth.READ_SCOPE} {auth.WRITE_SCOPE}"
+OMIT = object()
+PLAIN_CHALLENGE = 'Bearer realm="extraction-jobs"'
+
+
+class FakeClock:
+    """Monotonic time the test moves by hand, to cross TTLs and cooldowns."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def key_a() -> RsaTestKey:
+    return RsaTestKey("key-a")
+
+
+@pytest.fixture(scope="module")
+def key_b() -> RsaTestKey:
+    return RsaTestKey("key-b")
+
+
+@pytest.fixture(scope="module")
+def impostor() -> RsaTestKey:
+    """A different key pair that claims key-a's kid."""
+    return RsaTestKey("key-a")
+
+
+@pytest.fixture
+def jwks(key_a):
+    server = JwksServer().start()
+    server.keys = [key_a.public_jwk()]
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def auth_env(monkeypatch, tmp_path, jwks):
+    monkeypatch.delenv("AUTH_DISABLED", raising=False)
+    monkeypatch.delenv("AUTH_REQUIRE_SCOPES", raising=False)
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("AUTH0_DOMAIN", DOMAIN)
+    monkeypatch.setenv("AUTH0_AUDIENCE", AUDIENCE)
+    monkeypatch.setenv("AUTH0_ISSUER", ISSUER)
+    monkeypatch.setenv("AUTH0_JWKS_URL", jwks.url)
+    monkeypatch.setenv("DB_PATH", str(tmp_path / "jobs.db"))
+    return monkeypatch
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_client(auth_env, clock):
+    """A fresh app (so a fresh JWKS cache) driven by the fake clock."""
+    import main
+
+    clients = []
+
+    def build() -> TestClient:
+        app = main.create_app()
+        app.state.authenticator.jwks.clock = clock
+        client = TestClient(app)
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def sign(key: RsaTestKey, *, kid=OMIT, **overrides) -> str:
+    """An RS256 token with valid defaults; pass OMIT to drop a claim."""
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": SUBJECT,
+        "iat": now,
+        "exp": now + 300,
+        "scope": BOTH_SCOPES,
+    }
+    claims.update(overrides)
+    claims = {name: value for name, value in claims.items() if value is not OMIT}
+    header = {} if kid is None else {"kid": key.kid if kid is OMIT else kid}
+    return jwt.encode(claims, signing_key(key), algorithm="RS256", headers=header)
+
+
+@functools.cache
+def signing_key(key: RsaTestKey) -> jwk.Key:
+    """Parsing a PEM private key is slow; parse each test key once."""
+    return jwk.construct(key.private_pem, algorithm="RS256")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_json(value: dict) -> str:
+    return b64url(json.dumps(value).encode())
+
+
+def assert_invalid_token(response, token: str | None = None) -> None:
+    assert response.status_code == 401, response.text
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="extraction-jobs", error="invalid_token"')
+    assert 'error_description="' in challenge
+    assert response.json()["detail"].startswith("Invalid access token:")
+    if token is not None:
+        assert token not in response.text
+        assert token not in challenge
+
+
+def create_job(client: TestClient, token: str):
+    return client.post(
+        "/extraction-jobs", json={"document_id": "doc-1.pdf"}, headers=bearer(token)
+    )
+
+
+# --- a valid token on every route -------------------------------------------
+
+
+def test_post_records_the_token_subject_as_created_by(client, key_a):
+    response = create_job(client, sign(key_a))
+    assert response.status_code == 201, response.text
+    assert response.json()["created_by"] == SUBJECT
+
+
+def test_get_list_get_one_and_patch_accept_a_valid_token(client, key_a):
+    token = sign(key_a)
+    job_id = create_job(client, token).json()["id"]
+
+    listed = client.get("/extraction-jobs", headers=bearer(token))
+    assert listed.status_code == 200, listed.text
+    assert job_id in json.dumps(listed.json())
+
+    fetched = client.get(f"/extraction-jobs/{job_id}", headers=bearer(token))
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["created_by"] == SUBJECT
+
+    patched = client.patch(
+        f"/extraction-jobs/{job_id}",
+        json={"status": "processing"},
+        headers=bearer(token),
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["status"] == "processing"
+
+
+def test_claim_accepts_a_write_token_and_rejects_read_only(client, key_a):
+    create_job(client, sign(key_a))
+    body = {"worker_id": "worker-1", "limit": 1}
+
+    read_only = client.post(
+        "/extraction-jobs/claim",
+        json=body,
+        headers=bearer(sign(key_a, scope=auth.READ_SCOPE)),
+    )
+    assert read_only.status_code == 403, read_only.text
+
+    claimed = client.post(
+        "/extraction-jobs/claim", json=body, headers=bearer(sign(key_a))
+    )
+    assert claimed.status_code == 200, claimed.text
+
+
+# --- 401 without usable credentials -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Token abc.def.ghi"},
+    ],
+    ids=["none", "bearer-without-token", "bearer-blank", "basic", "other-scheme"],
+)
+def test_missing_or_malformed_header_is_401_with_plain_challenge(client, headers):
+    for method, path in [
+        ("GET", "/extraction-jobs"),
+        ("POST", "/extraction-jobs"),
+        ("GET", f"/extraction-jobs/{uuid.uuid4()}"),
+        ("PATCH", f"/extraction-jobs/{uuid.uuid4()}"),
+    ]:
+        response = client.request(method, path, headers=headers, json={})
+        assert response.status_code == 401, (method, path, response.text)
+        assert response.headers["www-authenticate"] == PLAIN_CHALLENGE
+        assert "Authorization: Bearer" in response.json()["detail"]
+
+
+def test_a_non_jwt_bearer_value_is_invalid_token(client):
+    response = client.get("/extraction-jobs", headers=bearer("not-a-jwt"))
+    assert_invalid_token(response, "not-a-jwt")
+    assert "well-formed" in response.json()["detail"]
+
+
+# --- 401 invalid_token causes -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"exp": int(time.time()) - 120}, "expired"),
+        ({"exp": OMIT}, "exp"),
+        ({"nbf": int(time.time()) + 120}, "not valid yet"),
+        ({"iss": "https://other-tenant.example.invalid/"}, "issuer"),
+        ({"iss": ISSUER.rstrip("/")}, "issuer"),
+        ({"iss": OMIT}, "iss"),
+        ({"aud": "https://another-api.example.invalid"}, "audience"),
+        ({"aud": ["https://another-api.example.invalid", "x"]}, "audience"),
+        ({"aud": OMIT}, "aud"),
+    ],
+    ids=[
+        "expired",
+        "no-exp",
+        "not-yet-valid",
+        "wrong-issuer",
+        "issuer-without-trailing-slash",
+        "no-issuer",
+        "wrong-audience",
+        "audience-list-without-ours",
+        "no-audience",
+    ],
+)
+def test_bad_claims_are_invalid_token(client, key_a, overrides, words):
+    token = sign(key_a, **overrides)
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert words in response.json()["detail"]
+
+
+def test_clock_leeway_is_at_most_60_seconds(client, key_a):
+    now = int(time.time())
+    within = sign(key_a, exp=now - 30, nbf=now + 30)
+    assert client.get("/extraction-jobs", headers=bearer(within)).status_code == 200
+    beyond = sign(key_a, exp=now - 70)
+    assert_invalid_token(client.get("/extraction-jobs", headers=bearer(beyond)), beyond)
+
+
+def test_audience_list_containing_ours_is_accepted(client, key_a):
+    token = sign(key_a, aud=["https://another-api.example.invalid", AUDIENCE])
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+
+
+def test_token_without_kid_is_rejected_before_fetching_keys(client, key_a, jwks):
+    token = sign(key_a, kid=None)
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert "kid" in response.json()["detail"]
+    assert jwks.request_count == 0
+
+
+def test_unknown_kid_is_invalid_token(client, key_b):
+    token = sign(key_b)
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert "unknown key" in response.json()["detail"]
+
+
+# --- forged tokens ------------------------------------------------------------
+
+
+def test_token_signed_by_another_key_with_the_same_kid_is_rejected(client, impostor):
+    token = sign(impostor)
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert "signature" in response.json()["detail"]
+
+
+def test_alg_none_is_rejected_before_any_key_is_used(client, key_a, jwks):
+    payload = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "attacker",
+        "exp": int(time.time()) + 300,
+    }
+    token = f"{b64url_json({'alg': 'none', 'kid': key_a.kid})}.{b64url_json(payload)}."
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert "RS256" in response.json()["detail"]
+    assert jwks.request_count == 0
+
+
+def test_hs256_signed_with_the_public_key_is_rejected(client, key_a, jwks):
+    payload = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "attacker",
+        "exp": int(time.time()) + 300,
+        "scope": BOTH_SCOPES,
+    }
+    signing_input = f"{b64url_json({'alg': 'HS256', 'typ': 'JWT', 'kid': key_a.kid})}.{b64url_json(payload)}"
+    mac = hmac.new(
+        key_a.public_pem.encode(), signing_input.encode(), hashlib.sha256
+    ).digest()
+    token = f"{signing_input}.{b64url(mac)}"
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert_invalid_token(response, token)
+    assert "RS256" in response.json()["detail"]
+    assert jwks.request_count == 0
+
+
+def test_tampered_payload_is_rejected(client, key_a):
+    genuine = sign(key_a, scope=auth.READ_SCOPE)
+    header, _, signature = genuine.split(".")
+    forged_payload = jwt.get_unverified_claims(genuine)
+    forged_payload["scope"] = BOTH_SCOPES
+    token = f"{header}.{b64url_json(forged_payload)}.{signature}"
+    response = create_job(client, token)
+    assert_invalid_token(response, token)
+    assert "signature" in response.json()["detail"]
+
+
+# --- scopes -----------------------------------------------------------------
+
+
+def test_read_only_token_can_read_but_not_write(client, key_a):
+    token = sign(key_a, scope=auth.READ_SCOPE)
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    for response in [
+        create_job(client, token),
+        client.patch(
+            f"/extraction-jobs/{uuid.uuid4()}",
+            json={"status": "failed"},
+            headers=bearer(token),
+        ),
+    ]:
+        assert response.status_code == 403, response.text
+        assert response.headers["www-authenticate"] == (
+            'Bearer realm="extraction-jobs", error="insufficient_scope", scope="write:extraction-jobs"'
+        )
+        assert auth.WRITE_SCOPE in response.json()["detail"]
+
+
+def test_token_without_scopes_cannot_read(client, key_a):
+    token = sign(key_a, scope=OMIT)
+    for path in ["/extraction-jobs", f"/extraction-jobs/{uuid.uuid4()}"]:
+        response = client.get(path, headers=bearer(token))
+        assert response.status_code == 403, response.text
+        assert response.headers["www-authenticate"] == (
+            'Bearer realm="extraction-jobs", error="insufficient_scope", scope="read:extraction-jobs"'
+        )
+
+
+def test_write_scope_alone_does_not_grant_read(client, key_a):
+    token = sign(key_a, scope=auth.WRITE_SCOPE)
+    assert create_job(client, token).status_code == 201
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 403
+
+
+def test_rbac_permissions_claim_grants_scopes(client, key_a):
+    token = sign(
+        key_a, scope="openid profile", permissions=[auth.READ_SCOPE, auth.WRITE_SCOPE]
+    )
+    assert create_job(client, token).status_code == 201
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+
+
+def test_scope_and_permissions_are_united(client, key_a):
+    token = sign(key_a, scope=auth.READ_SCOPE, permissions=[auth.WRITE_SCOPE])
+    assert create_job(client, token).status_code == 201
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+
+
+def test_scope_check_can_be_switched_off(auth_env, make_client, key_a):
+    auth_env.setenv("AUTH_REQUIRE_SCOPES", "0")
+    client = make_client()
+    token = sign(key_a, scope=OMIT)
+    assert create_job(client, token).status_code == 201
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    expired = sign(key_a, scope=OMIT, exp=int(time.time()) - 120)
+    assert_invalid_token(
+        client.get("/extraction-jobs", headers=bearer(expired)), expired
+    )
+
+
+# --- the JWKS cache -----------------------------------------------------------
+
+
+def test_jwks_is_fetched_lazily_and_once_for_many_requests(
+    make_client, key_a, jwks, clock
+):
+    client = make_client()
+    assert jwks.request_count == 0
+    token = sign(key_a)
+    for _ in range(20):
+        assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    clock.now += 599
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    assert jwks.request_count == 1
+    clock.now += 2
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    assert jwks.request_count == 2
+
+
+def test_cache_control_max_age_shortens_the_ttl(client, key_a, jwks, clock):
+    jwks.cache_control = "public, max-age=15"
+    token = sign(key_a)
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    clock.now += 14
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    assert jwks.request_count == 1
+    clock.now += 2
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    assert jwks.request_count == 2
+
+
+def test_every_app_has_its_own_cache(make_client, key_a, jwks):
+    token = sign(key_a)
+    for _ in range(2):
+        assert (
+            make_client().get("/extraction-jobs", headers=bearer(token)).status_code
+            == 200
+        )
+    assert jwks.request_count == 2
+
+
+def test_key_added_after_start_is_accepted(client, key_a, key_b, jwks, clock):
+    assert (
+        client.get("/extraction-jobs", headers=bearer(sign(key_a))).status_code == 200
+    )
+    jwks.keys = [key_a.public_jwk(), key_b.public_jwk()]
+    clock.now += 31
+    response = client.get("/extraction-jobs", headers=bearer(sign(key_b)))
+    assert response.status_code == 200, response.text
+    assert jwks.request_count == 2
+
+
+def test_key_removed_from_the_jwks_is_refused_after_refresh(
+    client, key_a, key_b, jwks, clock
+):
+    jwks.keys = [key_a.public_jwk(), key_b.public_jwk()]
+    assert (
+        client.get("/extraction-jobs", headers=bearer(sign(key_b))).status_code == 200
+    )
+    jwks.keys = [key_a.public_jwk()]
+    clock.now += 601
+    token = sign(key_b)
+    assert_invalid_token(client.get("/extraction-jobs", headers=bearer(token)), token)
+
+
+def test_unknown_kid_storm_refetches_at_most_once_per_30_seconds(
+    client, key_a, jwks, clock
+):
+    assert (
+        client.get("/extraction-jobs", headers=bearer(sign(key_a))).status_code == 200
+    )
+    clock.now += 30
+    for _ in range(50):
+        token = sign(key_a, kid=f"made-up-{uuid.uuid4()}")
+        assert_invalid_token(
+            client.get("/extraction-jobs", headers=bearer(token)), token
+        )
+    assert jwks.request_count == 2
+    clock.now += 29
+    client.get("/extraction-jobs", headers=bearer(sign(key_a, kid="made-up-again")))
+    assert jwks.request_count == 2
+    clock.now += 1
+    client.get("/extraction-jobs", headers=bearer(sign(key_a, kid="made-up-again")))
+    assert jwks.request_count == 3
+
+
+def test_jwks_server_down_without_keys_is_503_with_retry_after(
+    client, key_a, jwks, clock
+):
+    jwks.up = False
+    token = sign(key_a)
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert token not in response.text
+    assert (
+        client.post("/extraction-jobs", json={}, headers=bearer(token)).status_code
+        == 503
+    )
+    assert jwks.request_count == 1, (
+        "a failed fetch backs off instead of retrying per request"
+    )
+
+    jwks.up = True
+    clock.now += int(response.headers["retry-after"])
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+
+
+def test_unreachable_jwks_url_is_503(auth_env, make_client, key_a):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    auth_env.setenv(
+        "AUTH0_JWKS_URL", f"http://127.0.0.1:{closed_port}/.well-known/jwks.json"
+    )
+    response = make_client().get("/extraction-jobs", headers=bearer(sign(key_a)))
+    assert response.status_code == 503, response.text
+    assert "Retry-After" in response.headers
+
+
+def test_failed_refresh_keeps_the_keys_already_held(client, key_a, jwks, clock):
+    token = sign(key_a)
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    jwks.up = False
+    clock.now += 601
+    for _ in range(5):
+        assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    assert jwks.request_count == 2
+
+
+def test_concurrent_cold_start_fetches_the_jwks_once(auth_env, key_a, jwks):
+    jwks.delay_seconds = 0.2
+    authenticator = auth.authenticator_from_env()
+    token = sign(key_a)
+    results: list[auth.Principal] = []
+
+    def validate() -> None:
+        results.append(authenticator.authenticate(token))
+
+    threads = [threading.Thread(target=validate) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 16
+    assert {principal.sub for principal in results} == {SUBJECT}
+    assert jwks.request_count == 1
+
+
+def test_stale_keys_serve_other_threads_while_one_refreshes(
+    auth_env, key_a, jwks, clock
+):
+    authenticator = auth.authenticator_from_env()
+    authenticator.jwks.clock = clock
+    token = sign(key_a)
+    authenticator.authenticate(token)
+    clock.now += 601
+    jwks.delay_seconds = 1.0
+    refresher = threading.Thread(target=authenticator.authenticate, args=(token,))
+    refresher.start()
+    while jwks.request_count < 2:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert authenticator.authenticate(token).sub == SUBJECT
+    assert time.monotonic() - started < 0.5
+    refresher.join()
+
+
+# --- public routes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/health", "/docs", "/openapi.json"])
+def test_public_routes_need_no_token(client, jwks, path):
+    assert client.get(path).status_code == 200
+    assert jwks.request_count == 0
+
+
+def test_openapi_declares_the_bearer_scheme_for_swagger(client):
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert {"type": "http", "scheme": "bearer"}.items() <= next(
+        iter(schemes.values())
+    ).items()
+
+
+# --- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [["AUTH0_DOMAIN"], ["AUTH0_AUDIENCE"], ["AUTH0_DOMAIN", "AUTH0_AUDIENCE"]],
+)
+def test_missing_configuration_refuses_to_start_and_names_it(auth_env, missing):
+    import main
+
+    for name in missing:
+        auth_env.delenv(name)
+    with pytest.raises(auth.AuthConfigError) as raised:
+        main.create_app()
+    for name in missing:
+        assert name in str(raised.value)
+
+
+def test_blank_configuration_counts_as_missing(auth_env):
+    auth_env.setenv("AUTH0_AUDIENCE", "  ")
+    with pytest.raises(auth.AuthConfigError, match="AUTH0_AUDIENCE"):
+        auth.authenticator_from_env()
+
+
+def test_issuer_and_jwks_url_default_from_the_domain(auth_env):
+    auth_env.delenv("AUTH0_ISSUER")
+    auth_env.delenv("AUTH0_JWKS_URL")
+    settings = auth.authenticator_from_env().settings
+    assert settings.issuer == f"https://{DOMAIN}/"
+    assert settings.jwks_url == f"https://{DOMAIN}/.well-known/jwks.json"
+    assert settings.require_scopes is True
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "Yes"])
+def test_auth_disabled_values_bypass_auth(auth_env, value):
+    auth_env.setenv("AUTH_DISABLED", value)
+    auth_env.delenv("AUTH0_DOMAIN")
+    assert auth.authenticator_from_env() is None
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", ""])
+def test_other_auth_disabled_values_keep_auth_on(auth_env, value):
+    auth_env.setenv("AUTH_DISABLED", value)
+    assert isinstance(auth.authenticator_from_env(), auth.Authenticator)
+
+
+def test_disabled_auth_admits_requests_without_a_token(auth_env, jwks):
+    import main
+
+    auth_env.setenv("AUTH_DISABLED", "1")
+    with TestClient(main.create_app()) as client:
+        response = client.post("/extraction-jobs", json={"document_id": "doc.pdf"})
+        assert response.status_code == 201, response.text
+        assert response.json()["created_by"] is None
+        assert client.get("/extraction-jobs").status_code == 200
+    assert jwks.request_count == 0
+
+
+def test_disabled_auth_in_lambda_logs_a_warning(auth_env, caplog):
+    auth_env.setenv("AUTH_DISABLED", "1")
+    auth_env.setenv("AWS_LAMBDA_FUNCTION_NAME", "extraction-jobs-api")
+    with caplog.at_level(logging.WARNING, logger="auth"):
+        assert auth.authenticator_from_env() is None
+    assert "AUTH_DISABLED" in caplog.text
+    assert "extraction-jobs-api" in caplog.text
+
+
+def test_disabled_auth_outside_lambda_does_not_warn(auth_env, caplog):
+    auth_env.setenv("AUTH_DISABLED", "1")
+    with caplog.at_level(logging.WARNING, logger="auth"):
+        auth.authenticator_from_env()
+    assert caplog.text == ""
+
+
+def test_importing_auth_loads_no_jwt_or_http_library():
+    """Lambda cold starts with auth disabled must not pay for jose, cryptography or httpx."""
+    script = (
+        "import os, sys; os.environ['AUTH_DISABLED'] = '1'; import auth; "
+        "assert auth.authenticator_from_env() is None; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'jose', 'cryptography', 'httpx'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -9,15 +9,16 @@ from fastapi import (
     Depends,
     FastAPI,
     Header,
-    HTTPException,
     Query,
     Request,
     Response,
     Security,
 )
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from auth import (
     READ_SCOPE,
@@ -270,6 +271,31 @@ def _request_id(request: Request) -> str | None:
     return (event.get("requestContext") or {}).get("requestId")
 
 
+def _printable(text: str) -> str:
+    """Text that is always encodable, even from lone surrogates in the input."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
+async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape, without echoing the input back.
+
+    The echo could be up to a mebibyte, and values such as NaN or a lone
+    surrogate cannot even be encoded in a JSON response.
+    """
+    detail = [
+        {
+            "type": item["type"],
+            "loc": [
+                _printable(part) if isinstance(part, str) else part
+                for part in item["loc"]
+            ],
+            "msg": _printable(item["msg"]),
+        }
+        for item in error.errors()
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def _register_error_handlers(app: FastAPI) -> None:
     def detail(
         status: int, error: Exception, headers: dict | None = None
@@ -307,7 +333,7 @@ def _register_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(Exception, unhandled)
 
-    async def http_error(request: Request, error: HTTPException) -> Response:
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         # FastAPI answers 400 when the body parser itself fails (nesting too
         # deep for the parser, bytes that are not UTF-8); that is malformed
         # JSON too, and malformed JSON is a 422 everywhere else.
@@ -326,7 +352,8 @@ def _register_error_handlers(app: FastAPI) -> None:
             )
         return await http_exception_handler(request, error)
 
-    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
 
 def create_app() -> FastAPI:

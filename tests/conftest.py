@@ -23,12 +23,12 @@ os.environ["AUTH_DISABLED"] = "1"
 for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
     os.environ.pop(leaked, None)
 
-from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import delete  # noqa: E402
+from fastapi.testclient import TestClient
+from sqlalchemy import delete
 
-import database  # noqa: E402
-from db_models import Base, ExtractionJob  # noqa: E402
-from main import create_app  # noqa: E402
+import database
+from db_models import Base, ExtractionJob
+from main import create_app
 
 IN_CI = os.environ.get("CI") == "true"
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()

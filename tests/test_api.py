@@ -5,6 +5,7 @@ each one works only on jobs whose `document_id` it made up, and lists
 only through that `document_id` filter.
 """
 
+import itertools
 import re
 import uuid
 from datetime import datetime
@@ -155,7 +156,7 @@ def test_patch_moves_updated_at_forward_and_keeps_created_at(api, doc_id):
         response = api.patch(f"/extraction-jobs/{job['id']}", json={"status": status})
         assert response.status_code == 200, response.text
         seen.append(response.json())
-    for before, after in zip(seen, seen[1:], strict=False):
+    for before, after in itertools.pairwise(seen):
         assert after["created_at"] == job["created_at"]
         assert datetime.fromisoformat(after["updated_at"]) > datetime.fromisoformat(
             before["updated_at"]
@@ -222,7 +223,8 @@ def test_patch_error_message_at_limit_is_accepted(api, doc_id):
     job = create(api, doc_id)
     message = "e" * 10_000
     response = api.patch(
-        f"/extraction-jobs/{job['id']}", json={"status": "failed", "error_message": message}
+        f"/extraction-jobs/{job['id']}",
+        json={"status": "failed", "error_message": message},
     )
     assert response.status_code == 200
     assert response.json()["error_message"] == message
@@ -354,7 +356,9 @@ def test_metadata_size_limit(api, doc_id):
     fits = {"k": "x" * (MAX_METADATA_BYTES - 8)}
     assert create(api, doc_id, metadata=fits)["metadata"] == fits
     over = {"k": "x" * (MAX_METADATA_BYTES - 7)}
-    response = api.post("/extraction-jobs", json={"document_id": doc_id, "metadata": over})
+    response = api.post(
+        "/extraction-jobs", json={"document_id": doc_id, "metadata": over}
+    )
     assert_detail(response, 422)
 
 
@@ -381,7 +385,13 @@ def test_malformed_or_hostile_json_is_422(api, raw):
 
 
 def test_body_over_one_mebibyte_is_413(api, doc_id):
-    body = b'{"document_id": "' + doc_id.encode() + b'", "pad": "' + b"x" * 1_048_576 + b'"}'
+    body = (
+        b'{"document_id": "'
+        + doc_id.encode()
+        + b'", "pad": "'
+        + b"x" * 1_048_576
+        + b'"}'
+    )
     response = api.post(
         "/extraction-jobs", content=body, headers={"content-type": "application/json"}
     )
@@ -397,7 +407,9 @@ def test_streamed_body_over_one_mebibyte_is_413(api, doc_id):
         yield b'"}'
 
     response = api.post(
-        "/extraction-jobs", content=chunks(), headers={"content-type": "application/json"}
+        "/extraction-jobs",
+        content=chunks(),
+        headers={"content-type": "application/json"},
     )
     assert_detail(response, 413)
     assert listed(api, doc_id) == []

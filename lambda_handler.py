@@ -1,0 +1,89 @@
+"""AWS Lambda entry point: the FastAPI app behind an API Gateway HTTP API.
+
+Importing this module builds the app and connects to nothing: engines, tables
+and token signing keys are made on first use and then reused for the life of
+the execution environment. Mangum would run lifespan events on every
+invocation, so they are off and nothing depends on them.
+
+`API_GATEWAY_BASE_PATH` names the stage (e.g. `prod`) when the API is deployed
+on a named stage rather than `$default`; Mangum strips it from the path.
+"""
+
+import json
+import logging
+import os
+
+from mangum import Mangum
+
+from main import app
+
+logger = logging.getLogger("extraction_jobs")
+
+_JSON_500 = json.dumps({"detail": "Internal Server Error"}).encode()
+
+
+def answer_unhandled_errors(asgi_app):
+    """Keep an unhandled exception to one JSON log line and a JSON 500.
+
+    main.py's catch-all handler answers and logs such an exception, after which
+    Starlette re-raises it for the server; Mangum would then log it again as a
+    multi-line traceback. So an exception after a complete response is dropped
+    here, and one raised before any response is logged and answered here.
+    """
+
+    async def app_answering_errors(scope, receive, send):
+        started = complete = False
+
+        async def tracking_send(message):
+            nonlocal started, complete
+            started = True
+            if message["type"] == "http.response.body":
+                complete = not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await asgi_app(scope, receive, tracking_send)
+        except Exception as error:
+            if complete:
+                return
+            _log_unhandled(scope, error)
+            if started:
+                raise  # the status is already sent; Mangum answers a plain 500
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": _JSON_500})
+
+    return app_answering_errors
+
+
+def _log_unhandled(scope, error: Exception) -> None:
+    request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
+    logger.error(
+        json.dumps(
+            {
+                "message": "unhandled exception",
+                "request_id": request_context.get("requestId"),
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "error": f"{type(error).__name__}: {error}",
+            }
+        )
+    )
+
+
+def build_handler(asgi_app) -> Mangum:
+    """The Lambda handler for `asgi_app`, configured from the environment."""
+    return Mangum(
+        answer_unhandled_errors(asgi_app),
+        lifespan="off",
+        api_gateway_base_path=os.environ.get("API_GATEWAY_BASE_PATH", "").strip()
+        or "/",
+    )
+
+
+handler = build_handler(app)

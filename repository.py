@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, Update, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from database import database_url_from_env, ping, session_scope
@@ -18,6 +18,46 @@ from models import Job, JobStatus
 from schemas import to_job, to_row
 
 CLAIM_ORDER = (ExtractionJob.priority.desc(), ExtractionJob.seq)
+
+
+def list_query(
+    document_id: str | None, status: JobStatus | None, limit: int, offset: int
+) -> Select[tuple[ExtractionJob]]:
+    query = (
+        select(ExtractionJob).order_by(ExtractionJob.seq).limit(limit).offset(offset)
+    )
+    if document_id is not None:
+        query = query.where(ExtractionJob.document_id == document_id)
+    if status is not None:
+        query = query.where(ExtractionJob.status == status.value)
+    return query
+
+
+def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
+    """`UPDATE … WHERE seq IN (next pending … FOR UPDATE SKIP LOCKED) RETURNING …`"""
+    pending = ExtractionJob.status == JobStatus.PENDING.value
+    next_jobs = (
+        select(ExtractionJob.seq)
+        .where(pending)
+        .order_by(*CLAIM_ORDER)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(ExtractionJob)
+        .where(ExtractionJob.seq.in_(next_jobs), pending)
+        .values(
+            status=JobStatus.PROCESSING.value,
+            worker_id=worker_id,
+            started_at=now,
+            updated_at=now,
+            finished_at=None,
+            attempts=ExtractionJob.attempts + 1,
+            version=ExtractionJob.version + 1,
+        )
+        .returning(ExtractionJob)
+        .execution_options(synchronize_session=False)
+    )
 
 
 class IdempotencyKeyTaken(Exception):
@@ -66,16 +106,7 @@ class ExtractionJobRepository:
         limit: int,
         offset: int,
     ) -> list[Job]:
-        query = (
-            select(ExtractionJob)
-            .order_by(ExtractionJob.seq)
-            .limit(limit)
-            .offset(offset)
-        )
-        if document_id is not None:
-            query = query.where(ExtractionJob.document_id == document_id)
-        if status is not None:
-            query = query.where(ExtractionJob.status == status.value)
+        query = list_query(document_id, status, limit, offset)
         with session_scope(self.url) as session:
             return [to_job(row) for row in session.scalars(query)]
 
@@ -107,29 +138,7 @@ class ExtractionJobRepository:
         each other's rows instead of waiting or double-claiming; SQLite renders
         no locking clause and is serialised by its write lock instead.
         """
-        pending = ExtractionJob.status == JobStatus.PENDING.value
-        next_jobs = (
-            select(ExtractionJob.seq)
-            .where(pending)
-            .order_by(*CLAIM_ORDER)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        statement = (
-            update(ExtractionJob)
-            .where(ExtractionJob.seq.in_(next_jobs), pending)
-            .values(
-                status=JobStatus.PROCESSING.value,
-                worker_id=worker_id,
-                started_at=now,
-                updated_at=now,
-                finished_at=None,
-                attempts=ExtractionJob.attempts + 1,
-                version=ExtractionJob.version + 1,
-            )
-            .returning(ExtractionJob)
-            .execution_options(synchronize_session=False)
-        )
+        statement = claim_statement(worker_id, limit, now)
         with session_scope(self.url, write=True) as session:
             rows = session.scalars(statement).all()
             # RETURNING has no order of its own.

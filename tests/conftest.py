@@ -9,6 +9,7 @@ talk to a deployed API over the network instead.
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,9 @@ sys.path.insert(0, str(ROOT))
 os.environ["AUTH_DISABLED"] = "1"
 for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
     os.environ.pop(leaked, None)
+
+# Starlette nudges towards httpx2; the pinned httpx is what the project uses.
+warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 
 from fastapi.testclient import TestClient
 from sqlalchemy import delete
@@ -39,10 +43,7 @@ CONTRACT_PREFIX = "contract-test-"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes minutes (terraform apply on moto)")
-    # Starlette nudges towards httpx2; the pinned httpx is what the project uses.
-    config.addinivalue_line(
-        "filterwarnings", "ignore:Using `httpx` with `starlette.testclient`"
-    )
+
 
 
 def require(condition: bool, reason: str) -> None:

@@ -149,29 +149,32 @@ resource "aws_security_group" "database" {
   tags = { Name = "${var.name}-database" }
 }
 
-resource "aws_vpc_security_group_egress_rule" "lambda_https" {
+resource "aws_security_group_rule" "lambda_https_out" {
+  type              = "egress"
   security_group_id = aws_security_group.lambda.id
   description       = "HTTPS out (Auth0 JWKS) through the NAT gateway"
-  ip_protocol       = "tcp"
+  protocol          = "tcp"
   from_port         = 443
   to_port           = 443
-  cidr_ipv4         = "0.0.0.0/0"
+  cidr_blocks       = ["0.0.0.0/0"]
 }
 
-resource "aws_vpc_security_group_egress_rule" "lambda_postgres" {
-  security_group_id            = aws_security_group.lambda.id
-  description                  = "PostgreSQL to the database group"
-  ip_protocol                  = "tcp"
-  from_port                    = 5432
-  to_port                      = 5432
-  referenced_security_group_id = aws_security_group.database.id
+resource "aws_security_group_rule" "lambda_postgres_out" {
+  type                     = "egress"
+  security_group_id        = aws_security_group.lambda.id
+  description              = "PostgreSQL to the database group"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.database.id
 }
 
-resource "aws_vpc_security_group_ingress_rule" "database_from_lambda" {
-  security_group_id            = aws_security_group.database.id
-  description                  = "PostgreSQL from the Lambda group only"
-  ip_protocol                  = "tcp"
-  from_port                    = 5432
-  to_port                      = 5432
-  referenced_security_group_id = aws_security_group.lambda.id
+resource "aws_security_group_rule" "database_postgres_in" {
+  type                     = "ingress"
+  security_group_id        = aws_security_group.database.id
+  description              = "PostgreSQL from the Lambda group only"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.lambda.id
 }

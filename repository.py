@@ -34,7 +34,14 @@ def list_query(
 
 
 def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
-    """`UPDATE … WHERE seq IN (next pending … FOR UPDATE SKIP LOCKED) RETURNING …`"""
+    """`UPDATE … WHERE seq IN (next pending … FOR UPDATE SKIP LOCKED) RETURNING …`
+
+    The pending rows are picked in a MATERIALIZED CTE, evaluated exactly once.
+    As a plain `IN (subquery)`, PostgreSQL may plan a nested-loop semi-join
+    that rescans the subquery for every outer row; each rescan skips the rows
+    just updated and locks new ones, so one claim with LIMIT 1 took every
+    pending job (caught by the tests).
+    """
     pending = ExtractionJob.status == JobStatus.PENDING.value
     next_jobs = (
         select(ExtractionJob.seq)
@@ -42,10 +49,12 @@ def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
         .order_by(*CLAIM_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("next_jobs")
+        .prefix_with("MATERIALIZED")
     )
     return (
         update(ExtractionJob)
-        .where(ExtractionJob.seq.in_(next_jobs), pending)
+        .where(ExtractionJob.seq.in_(select(next_jobs.c.seq)), pending)
         .values(
             status=JobStatus.PROCESSING.value,
             worker_id=worker_id,

@@ -54,7 +54,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         )
 
 
-JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# A JSON null stays SQL NULL, so "no metadata" is one value, not two.
+JSONDocument = JSON(none_as_null=True).with_variant(
+    JSONB(none_as_null=True), "postgresql"
+)
 # SQLite only autoincrements an INTEGER PRIMARY KEY.
 Sequence = BigInteger().with_variant(Integer(), "sqlite")
 

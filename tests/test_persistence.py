@@ -311,3 +311,13 @@ def test_postgres_claim_uses_the_partial_pending_index():
     plan = _postgres_plan(url, claim_statement("w", 5, datetime.now(UTC)))
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "LockRows" in plan, plan
+
+
+def test_absent_metadata_is_sql_null_not_json_null(client, database_url):
+    client.post("/extraction-jobs", json={"document_id": "no-meta"})
+    client.post("/extraction-jobs", json={"document_id": "null-meta", "metadata": None})
+    with database.get_engine(database_url).connect() as connection:
+        nulls = connection.execute(
+            text("SELECT count(*) FROM extraction_job WHERE metadata IS NULL")
+        ).scalar()
+    assert nulls == 2

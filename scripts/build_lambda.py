@@ -55,6 +55,7 @@ PRUNE_FILE_PATTERNS = (
     "*.pxd",
     "*.pyx",
     "sqlalchemy/dialects/*/provision.py",  # fixtures for sqlalchemy.testing
+    "anyio/pytest_plugin.py",
 )
 
 
@@ -188,7 +189,10 @@ def verify_binaries(root: Path, python_version: str, wheel_arch: str) -> int:
 
 def write_zip(root: Path, output: Path) -> int:
     """Zip `root` reproducibly; return the unzipped size in bytes."""
-    files = sorted(path for path in root.rglob("*") if path.is_file())
+    files = sorted(
+        (path for path in root.rglob("*") if path.is_file()),
+        key=lambda path: path.relative_to(root).as_posix(),
+    )
     partial = output.with_name(output.name + ".partial")
     unzipped = 0
     with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zip_:

@@ -321,3 +321,10 @@ def test_absent_metadata_is_sql_null_not_json_null(client, database_url):
             text("SELECT count(*) FROM extraction_job WHERE metadata IS NULL")
         ).scalar()
     assert nulls == 2
+
+
+def test_one_character_document_id_is_accepted(client):
+    """The lower bound; in-process only, as it cannot carry the contract-test prefix."""
+    response = client.post("/extraction-jobs", json={"document_id": "x"})
+    assert response.status_code == 201
+    assert response.json()["document_id"] == "x"

@@ -194,9 +194,10 @@ def _signing_keys(document: Any) -> dict[str, Any]:
     for entry in entries if isinstance(entries, list) else []:
         if not _is_rs256_signing_key(entry):
             continue
+        public_part = {name: entry[name] for name in ("kty", "kid", "n", "e")}
         try:
-            keys[entry["kid"]] = jwk.construct(entry, algorithm=ALGORITHM)
-        except JWKError as error:
+            keys[entry["kid"]] = jwk.construct(public_part, algorithm=ALGORITHM)
+        except (JWKError, ValueError, TypeError) as error:
             logger.warning("Skipping JWK %r: %s", entry["kid"], error)
     return keys
 
@@ -206,6 +207,8 @@ def _is_rs256_signing_key(entry: Any) -> bool:
         isinstance(entry, dict)
         and entry.get("kty") == "RSA"
         and isinstance(entry.get("kid"), str)
+        and isinstance(entry.get("n"), str)
+        and isinstance(entry.get("e"), str)
         and entry.get("use", "sig") == "sig"
         and entry.get("alg", ALGORITHM) == ALGORITHM
     )

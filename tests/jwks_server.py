@@ -62,7 +62,7 @@ class JwksServer:
     """
 
     def __init__(self) -> None:
-        self.keys: list[dict[str, str]] = []
+        self.keys: object = []  # usually a list of JWKs; anything JSON for bad cases
         self.cache_control: str | None = None
         self.up = True
         self.delay_seconds = 0.0
@@ -100,7 +100,7 @@ class JwksServer:
                 elif self.path != JWKS_PATH:
                     self._send(404, b'{"error": "not found"}')
                 else:
-                    self._send(200, json.dumps({"keys": list(server.keys)}).encode())
+                    self._send(200, json.dumps({"keys": server.keys}).encode())
 
             def _send(self, status: int, body: bytes) -> None:
                 self.send_response(status)

@@ -554,6 +554,34 @@ def test_failed_refresh_keeps_the_keys_already_held(client, key_a, jwks, clock):
     assert jwks.request_count == 2
 
 
+def test_unusable_jwks_entries_are_skipped(client, key_a, key_b, jwks):
+    broken_b = {**key_b.public_jwk(), "n": "!!not-base64!!"}
+    jwks.keys = [
+        {"kty": "oct", "kid": "hmac-key", "k": "c2VjcmV0"},
+        {**key_a.public_jwk(), "use": "enc"},
+        {**key_a.public_jwk(), "alg": "RS512"},
+        broken_b,
+        "not-an-object",
+        key_a.public_jwk(),
+    ]
+    assert (
+        client.get("/extraction-jobs", headers=bearer(sign(key_a))).status_code == 200
+    )
+    token = sign(key_b)
+    assert_invalid_token(client.get("/extraction-jobs", headers=bearer(token)), token)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [[], [{"kty": "oct", "kid": "hmac-key", "k": "c2VjcmV0"}], "not-a-list"],
+    ids=["empty", "only-hmac", "keys-not-a-list"],
+)
+def test_jwks_without_usable_keys_is_503(client, key_a, jwks, keys):
+    jwks.keys = keys
+    response = client.get("/extraction-jobs", headers=bearer(sign(key_a)))
+    assert response.status_code == 503, response.text
+
+
 def test_concurrent_cold_start_fetches_the_jwks_once(auth_env, key_a, jwks):
     jwks.delay_seconds = 0.2
     authenticator = auth.authenticator_from_env()

@@ -12,12 +12,14 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -32,6 +34,7 @@ ISSUER = f"https://{DOMAIN}/"
 SUBJECT = "auth0|test-user"
 BOTH_SCOPES = f"{auth.READ_SCOPE} {auth.WRITE_SCOPE}"
 OMIT = object()
+ROOT = Path(__file__).resolve().parent.parent
 PLAIN_CHALLENGE = 'Bearer realm="extraction-jobs"'
 
 
@@ -718,6 +721,38 @@ def test_importing_auth_loads_no_jwt_or_http_library():
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'jose', 'cryptography', 'httpx'}))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_lambda_cold_start_with_auth_disabled_warns_and_loads_no_jwt_library(
+    tmp_path,
+):
+    """The real entry point, in a fresh interpreter, as Lambda imports it."""
+    script = (
+        "import sys; import lambda_handler; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'jose', 'cryptography', 'httpx'}))"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT),
+        "AUTH_DISABLED": "1",
+        "AWS_LAMBDA_FUNCTION_NAME": "extraction-jobs-api",
+        "DB_PATH": str(tmp_path / "jobs.db"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.stdout.strip() == "[]"
+    assert "AUTH_DISABLED" in result.stderr
+    assert "extraction-jobs-api" in result.stderr

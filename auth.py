@@ -263,7 +263,6 @@ class Authenticator:
                     "require_exp": True,
                     "require_iss": True,
                     "require_aud": True,
-                    "verify_at_hash": False,
                     "leeway": LEEWAY_SECONDS,
                 },
             )
@@ -271,6 +270,9 @@ class Authenticator:
             raise InvalidToken("The token has expired.") from None
         except JWTError as error:
             raise InvalidToken(_describe(error)) from None
+        except (TypeError, ValueError, OverflowError):
+            # jose's time checks call int() on the claim: null, NaN or Infinity
+            raise InvalidToken("The token's time claims must be numbers.") from None
         return Principal(sub=_string_or_none(claims.get("sub")), scopes=_scopes(claims))
 
 

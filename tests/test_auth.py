@@ -282,6 +282,15 @@ def test_bad_claims_are_invalid_token(client, key_a, overrides, words):
     assert words in response.json()["detail"]
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [None, float("inf"), float("nan"), [1]])
+def test_signed_but_non_numeric_time_claims_are_invalid_token(
+    client, key_a, claim, value
+):
+    token = sign(key_a, **{claim: value})
+    assert_invalid_token(client.get("/extraction-jobs", headers=bearer(token)), token)
+
+
 def test_clock_leeway_is_at_most_60_seconds(client, key_a):
     now = int(time.time())
     within = sign(key_a, exp=now - 30, nbf=now + 30)

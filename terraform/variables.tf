@@ -190,7 +190,7 @@ variable "lambda_architecture" {
 
 variable "lambda_reserved_concurrency" {
   type        = number
-  description = "Maximum number of concurrent function instances. Each instance keeps its own connection pool, so concurrency x (pool_size + max_overflow) must stay below the database's max_connections (LEAST(DBInstanceClassMemory/9531392, 5000): roughly 80-110 on db.t4g.micro, minus a few reserved for RDS)."
+  description = "Maximum number of concurrent function instances. Each instance keeps its own connection pool (DB_POOL_SIZE + DB_MAX_OVERFLOW, 2 + 0 by default), so concurrency x pool size must stay below the database's max_connections (LEAST(DBInstanceClassMemory/9531392, 5000): roughly 80-110 on db.t4g.micro, a few of them reserved for RDS). The default, 10 x 2 = 20, leaves room for migrations and a psql session."
   default     = 10
 
   validation {

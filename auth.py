@@ -114,8 +114,8 @@ class JwksCache:
 
     Requests whose kid is held and fresh never take the lock. When the keys are
     stale, one thread refreshes while the others keep using what is held. An
-    unknown kid refetches only if the last fetch is UNKNOWN_KID_COOLDOWN_SECONDS
-    old, so made-up kids cannot hammer the JWKS endpoint; after a failed fetch
+    unknown kid refetches at most once per UNKNOWN_KID_COOLDOWN_SECONDS, so
+    made-up kids cannot hammer the JWKS endpoint; after a failed fetch
     nothing is fetched for FAILED_FETCH_BACKOFF_SECONDS.
     """
 
@@ -154,11 +154,12 @@ class JwksCache:
         now = self.clock()
         if now < self._no_fetch_until:
             return
-        if now < self._fresh_until and (
-            kid in self._keys or now < self._next_kid_refetch
-        ):
-            return
-        self._next_kid_refetch = now + UNKNOWN_KID_COOLDOWN_SECONDS
+        if now < self._fresh_until:
+            if kid in self._keys or now < self._next_kid_refetch:
+                return
+            # Only refetches for unknown kids count towards the cooldown, so a
+            # key rotated in right after start-up is picked up at once.
+            self._next_kid_refetch = now + UNKNOWN_KID_COOLDOWN_SECONDS
         try:
             keys, ttl = self._fetch()
         except JwksFetchError as error:

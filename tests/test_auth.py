@@ -482,7 +482,7 @@ def test_key_added_after_start_is_accepted(client, key_a, key_b, jwks, clock):
         client.get("/extraction-jobs", headers=bearer(sign(key_a))).status_code == 200
     )
     jwks.keys = [key_a.public_jwk(), key_b.public_jwk()]
-    clock.now += 31
+    # No waiting: the start-up fetch does not count towards the unknown-kid cooldown.
     response = client.get("/extraction-jobs", headers=bearer(sign(key_b)))
     assert response.status_code == 200, response.text
     assert jwks.request_count == 2
@@ -507,7 +507,6 @@ def test_unknown_kid_storm_refetches_at_most_once_per_30_seconds(
     assert (
         client.get("/extraction-jobs", headers=bearer(sign(key_a))).status_code == 200
     )
-    clock.now += 30
     for _ in range(50):
         token = sign(key_a, kid=f"made-up-{uuid.uuid4()}")
         assert_invalid_token(

@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # Lambda target platform; terraform's runtime/architectures must match.
 LAMBDA_PYTHON ?= 3.11
 LAMBDA_ARCH ?= x86_64
+# ...so deploy what was built: scripts/terraform.sh passes these to terraform.
+export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
+export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
 .PHONY: install run test test-deployed lint build plan deploy destroy clean
 

@@ -69,6 +69,33 @@ def runtime_glibc(python_version: str) -> int:
     return 26 if minor <= 11 else 34
 
 
+# psycopg2-binary's aarch64 wheels are manylinux_2_27/2_28 only.
+PSYCOPG2_AARCH64_GLIBC = 28
+
+
+def wheel_glibc(python_version: str, wheel_arch: str) -> int:
+    """The newest glibc the package's wheels may need.
+
+    The runtime's, except for aarch64 on Amazon Linux 2 (python3.11 and
+    older): no psycopg2-binary wheel fits there, so the build takes the
+    manylinux_2_28 ones as asked and says loudly that PostgreSQL will not
+    load on that runtime (Terraform refuses to deploy the pair).
+    """
+    glibc = runtime_glibc(python_version)
+    if wheel_arch == "aarch64" and glibc < PSYCOPG2_AARCH64_GLIBC:
+        banner = "!" * 78
+        print(
+            f"{banner}\nWARNING: python{python_version} on arm64 runs on Amazon Linux 2 "
+            f"(glibc 2.{glibc}), but psycopg2-binary's\naarch64 wheels need glibc 2.27+: "
+            "this package imports, yet PostgreSQL fails on Lambda\nat the first query. "
+            "Deploy arm64 with LAMBDA_PYTHON=3.12 or newer.\n"
+            f"{banner}",
+            file=sys.stderr,
+        )
+        return PSYCOPG2_AARCH64_GLIBC
+    return glibc
+
+
 def platform_tags(wheel_arch: str, glibc: int) -> list[str]:
     """Every manylinux tag the runtime accepts, newest first.
 
@@ -79,8 +106,10 @@ def platform_tags(wheel_arch: str, glibc: int) -> list[str]:
     return tags + [f"manylinux2014_{wheel_arch}"]
 
 
-def install_dependencies(target: Path, python_version: str, wheel_arch: str) -> None:
-    platforms = platform_tags(wheel_arch, runtime_glibc(python_version))
+def install_dependencies(
+    target: Path, python_version: str, wheel_arch: str, glibc: int
+) -> None:
+    platforms = platform_tags(wheel_arch, glibc)
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile"]
     command += ["--disable-pip-version-check", "--only-binary=:all:"]
     command += ["--implementation", "cp", "--python-version", python_version]
@@ -90,16 +119,9 @@ def install_dependencies(target: Path, python_version: str, wheel_arch: str) -> 
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
-        glibc = runtime_glibc(python_version)
-        hint = ""
-        if wheel_arch == "aarch64" and glibc < 27:
-            hint = (
-                "; psycopg2-binary's aarch64 wheels need glibc 2.27 and python3.11 "
-                "and older run on Amazon Linux 2 (glibc 2.26): use LAMBDA_PYTHON=3.12+"
-            )
         fail(
             f"no wheels of requirements.txt fit python{python_version} on "
-            f"{wheel_arch} with glibc <= 2.{glibc}{hint}"
+            f"{wheel_arch} with glibc <= 2.{glibc}"
         )
 
 
@@ -159,9 +181,10 @@ def warn_no_bytecode(python_version: str) -> None:
     )
 
 
-def verify_binaries(root: Path, python_version: str, wheel_arch: str) -> int:
-    """Fail unless every ELF file fits the target CPU, runtime glibc and Python."""
-    glibc = runtime_glibc(python_version)
+def verify_binaries(
+    root: Path, python_version: str, wheel_arch: str, glibc: int
+) -> int:
+    """Fail unless every ELF file fits the target CPU, glibc and Python."""
     abi = "cpython-" + python_version.replace(".", "")
     problems, count = [], 0
     for path in sorted(root.rglob("*")):
@@ -247,10 +270,11 @@ def main() -> None:
     root.mkdir(parents=True)
 
     print(f"build_lambda: python{python_version} {arch}: installing requirements.txt")
-    install_dependencies(root, python_version, wheel_arch)
+    glibc = wheel_glibc(python_version, wheel_arch)
+    install_dependencies(root, python_version, wheel_arch, glibc)
     saved = prune(root)
     copy_app_modules(root)
-    binaries = verify_binaries(root, python_version, wheel_arch)
+    binaries = verify_binaries(root, python_version, wheel_arch, glibc)
     with_bytecode = python_version == f"{sys.version_info[0]}.{sys.version_info[1]}"
     if with_bytecode:
         compile_bytecode(root)
@@ -262,7 +286,7 @@ def main() -> None:
     print(
         f"build_lambda: wrote {output}: {mib(zipped)} zipped, {mib(unzipped)} "
         f"unzipped (limits 50 / 250 MiB); {binaries} ELF files checked for "
-        f"{wheel_arch} and glibc <= 2.{runtime_glibc(python_version)}; "
+        f"{wheel_arch} and glibc <= 2.{glibc}; "
         f"bytecode: {'yes' if with_bytecode else 'NO'}; pruned {mib(saved)} "
         "(tests, stubs, docs, C sources, scripts)"
     )

@@ -45,7 +45,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes minutes (terraform apply on moto)")
 
 
-
 def require(condition: bool, reason: str) -> None:
     """Skip on a developer machine, fail under CI=true."""
     if condition:

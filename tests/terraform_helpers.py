@@ -41,9 +41,16 @@ def require_terraform() -> str:
 
 
 def copy_module(dest: Path) -> Path:
-    """Copy terraform/ without local state, caches or a user's tfvars."""
+    """Copy terraform/ without local state, caches, or a user's variables and overrides."""
     ignored = shutil.ignore_patterns(
-        ".terraform", "*.tfstate*", "*.tfplan", "terraform.tfvars"
+        ".terraform",
+        ".terraform.tfstate.lock.info",
+        "*.tfstate*",
+        "*.tfplan",
+        "*.tfvars",
+        "*.tfvars.json",
+        "*override.tf",
+        "*override.tf.json",
     )
     shutil.copytree(MODULE_DIR, dest, ignore=ignored)
     return dest

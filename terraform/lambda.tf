@@ -81,4 +81,13 @@ resource "aws_lambda_function" "api" {
     aws_cloudwatch_log_group.lambda,
     aws_iam_role_policy_attachment.lambda_vpc_access,
   ]
+
+  lifecycle {
+    # python3.11 runs on Amazon Linux 2 (glibc 2.26); psycopg2-binary's arm64
+    # wheels need glibc 2.28, so that function could never reach the database.
+    precondition {
+      condition     = !(var.lambda_architecture == "arm64" && var.lambda_runtime == "python3.11")
+      error_message = "arm64 needs lambda_runtime python3.12 or newer (build with LAMBDA_PYTHON=3.12 LAMBDA_ARCH=arm64): on python3.11 the PostgreSQL driver cannot load."
+    }
+  }
 }

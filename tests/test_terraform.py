@@ -12,12 +12,16 @@ import os
 import subprocess
 from pathlib import Path
 
-import boto3
 import pytest
-from sqlalchemy import make_url
+from terraform_emulator import (
+    assert_function_wired_to_private_network_and_database,
+    assert_network_isolation,
+    leftovers,
+    state_values,
+    unexpected_changes,
+)
 from terraform_helpers import (
     CLI_CONFIG_SCRIPT,
-    EMULATOR_REGION,
     Terraform,
     copy_module,
     moto_server,
@@ -412,207 +416,17 @@ def test_bad_variable_values_are_refused(planner: Terraform) -> None:
         assert message in errors
 
 
+def test_arm64_on_python311_is_refused(planner: Terraform) -> None:
+    result = planner.run(
+        "plan", "-var", "lambda_architecture=arm64", expect_success=False
+    )
+    assert result.returncode == 1
+    assert "arm64 needs lambda_runtime python3.12 or newer" in " ".join(
+        result.stderr.split()
+    )
+
+
 # --- apply -> re-plan -> destroy -------------------------------------------------
-
-
-def emulator_client(endpoint: str, service: str):
-    return boto3.client(
-        service,
-        endpoint_url=endpoint,
-        region_name=EMULATOR_REGION,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-
-
-def state_values(state: dict) -> dict[str, dict]:
-    return {
-        res["address"]: res["values"]
-        for res in state["values"]["root_module"]["resources"]
-    }
-
-
-def assert_function_wired_to_private_network_and_database(
-    endpoint: str, deployed: dict
-) -> None:
-    config = emulator_client(endpoint, "lambda").get_function_configuration(
-        FunctionName=NAME
-    )
-    private = {deployed[f"aws_subnet.private[{i}]"]["id"] for i in range(2)}
-    assert set(config["VpcConfig"]["SubnetIds"]) == private
-    assert config["VpcConfig"]["SecurityGroupIds"] == [
-        deployed["aws_security_group.lambda"]["id"]
-    ]
-
-    env = config["Environment"]["Variables"]
-    assert set(env) == {
-        "DATABASE_URL",
-        "AUTH0_DOMAIN",
-        "AUTH0_AUDIENCE",
-        "AUTH_DISABLED",
-    }
-    assert env["AUTH_DISABLED"] == "0"
-    assert (env["AUTH0_DOMAIN"], env["AUTH0_AUDIENCE"]) == (
-        "tenant.example.com",
-        "https://api.example.com",
-    )
-    assert DB_PASSWORD not in env["DATABASE_URL"], "the password must be URL-encoded"
-    url = make_url(env["DATABASE_URL"])
-    db = deployed["aws_db_instance.main"]
-    assert (url.drivername, url.username, url.password) == (
-        "postgresql",
-        "extraction_app",
-        DB_PASSWORD,
-    )
-    assert (url.host, url.port, url.database) == (
-        db["address"],
-        5432,
-        "extraction_jobs",
-    )
-    assert url.query == {"sslmode": "require"}
-
-
-def assert_network_isolation(endpoint: str, deployed: dict) -> None:
-    ec2 = emulator_client(endpoint, "ec2")
-
-    def routes_of(tier: str) -> list[dict]:
-        subnet_ids = [deployed[f"aws_subnet.{tier}[{i}]"]["id"] for i in range(2)]
-        tables = ec2.describe_route_tables(
-            Filters=[{"Name": "association.subnet-id", "Values": subnet_ids}]
-        )
-        return [route for table in tables["RouteTables"] for route in table["Routes"]]
-
-    assert all(route.get("GatewayId") == "local" for route in routes_of("database"))
-    default_routes = [
-        r for r in routes_of("private") if r.get("DestinationCidrBlock") == "0.0.0.0/0"
-    ]
-    assert [r.get("NatGatewayId") for r in default_routes] == [
-        deployed["aws_nat_gateway.main[0]"]["id"]
-    ]
-
-    lambda_sg = deployed["aws_security_group.lambda"]["id"]
-    database_sg = deployed["aws_security_group.database"]["id"]
-    groups = {
-        group["GroupId"]: group
-        for group in ec2.describe_security_groups(
-            GroupIds=[
-                lambda_sg,
-                database_sg,
-                deployed["aws_default_security_group.default"]["id"],
-            ]
-        )["SecurityGroups"]
-    }
-
-    def summary(permissions: list[dict]) -> set[tuple]:
-        return {
-            (
-                p["IpProtocol"],
-                p["FromPort"],
-                p["ToPort"],
-                r.get("CidrIp") or r.get("GroupId"),
-            )
-            for p in permissions
-            for r in p["IpRanges"] + p["UserIdGroupPairs"]
-        }
-
-    assert groups[lambda_sg]["IpPermissions"] == []
-    assert summary(groups[lambda_sg]["IpPermissionsEgress"]) == {
-        ("tcp", 443, 443, "0.0.0.0/0"),
-        ("tcp", 5432, 5432, database_sg),
-    }
-    assert summary(groups[database_sg]["IpPermissions"]) == {
-        ("tcp", 5432, 5432, lambda_sg)
-    }
-    assert groups[database_sg]["IpPermissionsEgress"] == []
-    default_group = groups[deployed["aws_default_security_group.default"]["id"]]
-    assert (default_group["IpPermissions"], default_group["IpPermissionsEgress"]) == (
-        [],
-        [],
-    )
-
-
-def unexpected_changes(plan: dict) -> list[tuple[str, list[str]]]:
-    """Planned changes other than moto's one known gap: it does not report a
-    parameter's source, so the provider re-adds the parameter group's
-    parameters (the same values) on every plan."""
-    unexpected = []
-    for resource in plan.get("resource_changes", []):
-        change = resource["change"]
-        if change["actions"] in (["no-op"], ["read"]):
-            continue
-        if resource["address"] == "aws_db_parameter_group.main" and change[
-            "actions"
-        ] == ["update"]:
-            before = {
-                key: value
-                for key, value in change["before"].items()
-                if key != "parameter"
-            }
-            after = {
-                key: value
-                for key, value in change["after"].items()
-                if key != "parameter"
-            }
-            readded = [
-                {"apply_method": "immediate", "name": "rds.force_ssl", "value": "1"}
-            ]
-            if before == after and change["after"]["parameter"] == readded:
-                continue
-        unexpected.append((resource["address"], change["actions"]))
-    unexpected += [
-        (f"output.{name}", output["actions"])
-        for name, output in plan.get("output_changes", {}).items()
-        if output["actions"] != ["no-op"]
-    ]
-    return unexpected
-
-
-def leftovers(endpoint: str) -> dict[str, list]:
-    """Whatever of this deployment is still in the emulator."""
-    ec2 = emulator_client(endpoint, "ec2")
-    rds = emulator_client(endpoint, "rds")
-    found = {
-        "vpcs": [v["VpcId"] for v in ec2.describe_vpcs()["Vpcs"] if not v["IsDefault"]],
-        "addresses": [a["AllocationId"] for a in ec2.describe_addresses()["Addresses"]],
-        "nat_gateways": [
-            n["NatGatewayId"]
-            for n in ec2.describe_nat_gateways()["NatGateways"]
-            if n["State"] != "deleted"
-        ],
-        "db_instances": [
-            d["DBInstanceIdentifier"]
-            for d in rds.describe_db_instances()["DBInstances"]
-        ],
-        "db_subnet_groups": [
-            g["DBSubnetGroupName"]
-            for g in rds.describe_db_subnet_groups()["DBSubnetGroups"]
-        ],
-        "db_parameter_groups": [
-            g["DBParameterGroupName"]
-            for g in rds.describe_db_parameter_groups()["DBParameterGroups"]
-            if g["DBParameterGroupName"].startswith(NAME)
-        ],
-        "functions": [
-            f["FunctionName"]
-            for f in emulator_client(endpoint, "lambda").list_functions()["Functions"]
-        ],
-        "apis": [
-            a["ApiId"]
-            for a in emulator_client(endpoint, "apigatewayv2").get_apis()["Items"]
-        ],
-        "log_groups": [
-            g["logGroupName"]
-            for g in emulator_client(endpoint, "logs").describe_log_groups()[
-                "logGroups"
-            ]
-        ],
-        "roles": [
-            r["RoleName"]
-            for r in emulator_client(endpoint, "iam").list_roles()["Roles"]
-            if r["RoleName"].startswith(NAME)
-        ],
-    }
-    return {kind: names for kind, names in found.items() if names}
 
 
 @pytest.mark.slow
@@ -629,7 +443,9 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
     try:
         terraform.run("apply", "-auto-approve")
         deployed = state_values(terraform.show_json())
-        assert_function_wired_to_private_network_and_database(moto_endpoint, deployed)
+        assert_function_wired_to_private_network_and_database(
+            moto_endpoint, deployed, variables
+        )
         assert_network_isolation(moto_endpoint, deployed)
 
         terraform.run("plan", "-out=replan.tfplan")

@@ -23,6 +23,8 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from models import MAX_SUBJECT_LENGTH, check_text
+
 logger = logging.getLogger(__name__)
 
 READ_SCOPE = "read:extraction-jobs"
@@ -274,7 +276,7 @@ class Authenticator:
         except (TypeError, ValueError, OverflowError):
             # jose's time checks call int() on the claim: null, NaN or Infinity
             raise InvalidToken("The token's time claims must be numbers.") from None
-        return Principal(sub=_string_or_none(claims.get("sub")), scopes=_scopes(claims))
+        return Principal(sub=_subject(claims.get("sub")), scopes=_scopes(claims))
 
 
 def _describe(error: Exception) -> str:
@@ -289,8 +291,19 @@ def _describe(error: Exception) -> str:
     return known.get(message, f"The token is invalid: {message}")
 
 
-def _string_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+def _subject(value: Any) -> str | None:
+    """The `sub` claim, which is stored as a job's `created_by`."""
+    if not isinstance(value, str):
+        return None
+    try:
+        check_text(value)
+    except ValueError as error:
+        raise InvalidToken(f"The token's subject (sub) {error}.") from None
+    if len(value) > MAX_SUBJECT_LENGTH:
+        raise InvalidToken(
+            f"The token's subject (sub) is longer than {MAX_SUBJECT_LENGTH} characters."
+        )
+    return value
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

@@ -764,3 +764,20 @@ def test_lambda_cold_start_with_auth_disabled_warns_and_loads_no_jwt_library(
     assert result.stdout.strip() == "[]"
     assert "AUTH_DISABLED" in result.stderr
     assert "extraction-jobs-api" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "sub", ["auth0|nul\u0000byte", "x" * 256, "lone \ud800 surrogate"]
+)
+def test_subject_that_cannot_be_stored_is_an_invalid_token(client, key_a, sub):
+    """created_by could not hold it (PostgreSQL refuses NUL and over-long values)."""
+    token = sign(key_a, sub=sub)
+    assert_invalid_token(create_job(client, token), token)
+    assert client.get("/extraction-jobs", headers=bearer(sign(key_a))).json() == []
+
+
+def test_subject_of_255_characters_is_recorded(client, key_a):
+    sub = "s" * 255
+    response = create_job(client, sign(key_a, sub=sub))
+    assert response.status_code == 201, response.text
+    assert response.json()["created_by"] == sub

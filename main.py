@@ -235,8 +235,8 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -249,14 +249,15 @@ class BodySizeLimit:
                 return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
+        body: bytes | None = b"".join(chunks)
 
-        async def replay():
+        async def replay() -> dict:
+            # The buffered body once; then the real channel, which reports a
+            # disconnect instead of an endless stream of empty bodies.
             nonlocal body
-            message, body = (
-                {"type": "http.request", "body": body, "more_body": False},
-                b"",
-            )
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body}, None
             return message
 
         await self.app(scope, replay, send)

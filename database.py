@@ -176,14 +176,12 @@ def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
         factory = database.writer_sessions if write else database.sessions
         with factory() as session, session.begin():
             yield session
-    except DBAPIError as error:
-        if _is_unavailable(error):
-            logger.error("database unavailable: %s", error.orig or error)
-            raise DatabaseUnavailable(str(error.orig or error)) from error
-        raise
-    except PoolTimeoutError as error:
-        logger.error("database unavailable: %s", error)
-        raise DatabaseUnavailable(str(error)) from error
+    except (DBAPIError, PoolTimeoutError) as error:
+        if isinstance(error, DBAPIError) and not _is_unavailable(error):
+            raise
+        cause = getattr(error, "orig", None) or error
+        logger.error("database unavailable: %s", cause)
+        raise DatabaseUnavailable(str(cause)) from error
 
 
 def ping(url: str) -> None:

@@ -15,7 +15,7 @@ import os
 
 from mangum import Mangum
 
-from main import app
+from main import app, log_unhandled
 
 logger = logging.getLogger("extraction_jobs")
 
@@ -46,7 +46,7 @@ def answer_unhandled_errors(asgi_app):
         except Exception as error:
             if complete:
                 return
-            _log_unhandled(scope, error)
+            log_unhandled(scope, error)
             if started:
                 raise  # the status is already sent; Mangum answers a plain 500
             await send(
@@ -59,21 +59,6 @@ def answer_unhandled_errors(asgi_app):
             await send({"type": "http.response.body", "body": _JSON_500})
 
     return app_answering_errors
-
-
-def _log_unhandled(scope, error: Exception) -> None:
-    request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
-    logger.error(
-        json.dumps(
-            {
-                "message": "unhandled exception",
-                "request_id": request_context.get("requestId"),
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "error": f"{type(error).__name__}: {error}",
-            }
-        )
-    )
 
 
 def build_handler(asgi_app) -> Mangum:

@@ -37,7 +37,7 @@ from models import (
     JobCreate,
     JobStatus,
     JobUpdate,
-    check_text,
+    check_optional_text,
 )
 from repository import ExtractionJobRepository
 from service import (
@@ -163,7 +163,7 @@ def list_jobs(
         Query(
             min_length=1, max_length=MAX_DOCUMENT_ID_LENGTH, description="Exact match."
         ),
-        AfterValidator(lambda v: v if v is None else check_text(v)),
+        AfterValidator(check_optional_text),
     ] = None,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
@@ -267,9 +267,20 @@ class BodySizeLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
-def _request_id(request: Request) -> str | None:
-    event = request.scope.get("aws.event") or {}
-    return (event.get("requestContext") or {}).get("requestId")
+def log_unhandled(scope: dict, error: Exception) -> None:
+    """One JSON log line per unhandled error, with the API Gateway request id."""
+    request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
+    logger.error(
+        json.dumps(
+            {
+                "message": "unhandled exception",
+                "request_id": request_context.get("requestId"),
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "error": f"{type(error).__name__}: {error}",
+            }
+        )
+    )
 
 
 def _printable(text: str) -> str:
@@ -298,10 +309,8 @@ async def validation_error(_: Request, error: RequestValidationError) -> JSONRes
 
 
 def _register_error_handlers(app: FastAPI) -> None:
-    def detail(
-        status: int, error: Exception, headers: dict | None = None
-    ) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+    def detail(status: int, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status)
 
     handlers = {
         JobNotFound: lambda _, e: detail(404, e),
@@ -319,17 +328,7 @@ def _register_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(error_class, handler)
 
     def unhandled(request: Request, error: Exception) -> JSONResponse:
-        logger.error(
-            json.dumps(
-                {
-                    "message": "unhandled exception",
-                    "request_id": _request_id(request),
-                    "method": request.method,
-                    "path": request.url.path,
-                    "error": f"{type(error).__name__}: {error}",
-                }
-            )
-        )
+        log_unhandled(request.scope, error)
         return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
     app.add_exception_handler(Exception, unhandled)

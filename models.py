@@ -51,6 +51,10 @@ def check_text(value: str) -> str:
     return value
 
 
+def check_optional_text(value: str | None) -> str | None:
+    return None if value is None else check_text(value)
+
+
 def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     """Bound depth and size, and reject NUL in keys and string values.
 
@@ -97,7 +101,7 @@ Metadata = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata)]
 ErrorMessage = Annotated[
     str | None,
     StringConstraints(strict=True, max_length=MAX_ERROR_MESSAGE_LENGTH),
-    AfterValidator(lambda v: v if v is None else check_text(v)),
+    AfterValidator(check_optional_text),
 ]
 WorkerId = Annotated[
     str,

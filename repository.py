@@ -1,76 +1,189 @@
 """Queries over the `extraction_job` table, on SQLite or PostgreSQL alike.
 
-Each method is one short transaction and, for reads, one query. Rows are
-converted to contract models before they leave, and concurrency is handled
-with compare-and-swap on `version`, never by holding locks across calls.
+Every method is ONE statement: one round trip on PostgreSQL, in autocommit
+(see database.run). Statements are SQLAlchemy Core, and the rows they return
+map straight to the contract model: no ORM session or object per request.
+Concurrency is handled inside each statement (conditions in the WHERE
+clause, `FOR UPDATE SKIP LOCKED`), never by holding locks across calls.
 """
 
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Update, func, select, update
+from sqlalchemy import (
+    CTE,
+    Connection,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
-from database import database_url_from_env, ping, session_scope
-from db_models import ExtractionJob
+from database import database_url_from_env, ping, run
+from db_models import ExtractionJob, UTCDateTime
 from models import Job, JobStatus
-from schemas import to_job, to_row
+from schemas import job_from_row, to_values
 
+JOBS = ExtractionJob.__table__
 CLAIM_ORDER = (ExtractionJob.priority.desc(), ExtractionJob.seq)
+
+
+def _timestamp(value: datetime) -> Any:
+    return literal(value, UTCDateTime())
+
+
+class strictly_after(FunctionElement):
+    """`max(now, earlier + 1 µs)`: a change's timestamp, strictly after the
+    last one whatever the clock says, computed where the row is."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(strictly_after, "postgresql")
+def _strictly_after_postgresql(element, compiler, **kw):
+    now, earlier = list(element.clauses)
+    return (
+        f"GREATEST({compiler.process(now, **kw)}, "
+        f"{compiler.process(earlier, **kw)} + INTERVAL '1 microsecond')"
+    )
+
+
+@compiles(strictly_after, "sqlite")
+def _strictly_after_sqlite(element, compiler, **kw):
+    # A Python function registered on every SQLite connection (database.py).
+    now, earlier = list(element.clauses)
+    return (
+        f"strictly_after({compiler.process(now, **kw)}, "
+        f"{compiler.process(earlier, **kw)})"
+    )
 
 
 def list_query(
     document_id: str | None, status: JobStatus | None, limit: int, offset: int
-) -> Select[tuple[ExtractionJob]]:
-    query = (
-        select(ExtractionJob).order_by(ExtractionJob.seq).limit(limit).offset(offset)
-    )
+) -> Select:
+    query = select(JOBS).order_by(JOBS.c.seq).limit(limit).offset(offset)
     if document_id is not None:
-        query = query.where(ExtractionJob.document_id == document_id)
+        query = query.where(JOBS.c.document_id == document_id)
     if status is not None:
-        query = query.where(ExtractionJob.status == status.value)
+        query = query.where(JOBS.c.status == status.value)
     return query
 
 
-def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
-    """`UPDATE … WHERE seq IN (next pending … FOR UPDATE SKIP LOCKED) RETURNING …`
+def next_pending_jobs(limit: int) -> CTE:
+    """The `limit` most urgent pending jobs, locked, skipping locked ones.
 
-    The pending rows are picked in a MATERIALIZED CTE, evaluated exactly once.
-    As a plain `IN (subquery)`, PostgreSQL may plan a nested-loop semi-join
-    that rescans the subquery for every outer row; each rescan skips the rows
-    just updated and locks new ones, so one claim with LIMIT 1 took every
-    pending job (caught by the tests).
+    MATERIALIZED, so it is evaluated exactly once. As a plain `IN (subquery)`,
+    PostgreSQL may plan a nested-loop semi-join that rescans the subquery for
+    every outer row; each rescan skips the rows just updated and locks new
+    ones, so one claim with LIMIT 1 took every pending job (caught by the
+    tests).
     """
-    pending = ExtractionJob.status == JobStatus.PENDING.value
-    next_jobs = (
-        select(ExtractionJob.seq)
-        .where(pending)
+    return (
+        select(JOBS.c.seq)
+        .where(JOBS.c.status == JobStatus.PENDING.value)
         .order_by(*CLAIM_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("next_jobs")
         .prefix_with("MATERIALIZED")
     )
+
+
+def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
+    """`WITH next_jobs AS MATERIALIZED (… FOR UPDATE SKIP LOCKED) UPDATE … RETURNING …`
+
+    One statement, so one round trip. More work belongs in it as further
+    CTEs (data-modifying CTEs are still one statement on PostgreSQL): e.g.
+    a sweep of expired leases, or an INSERT into an events table that
+    selects from this UPDATE's RETURNING.
+    """
+    next_jobs = next_pending_jobs(limit)
+    moment = _timestamp(now)
     return (
-        update(ExtractionJob)
-        .where(ExtractionJob.seq.in_(select(next_jobs.c.seq)), pending)
+        update(JOBS)
+        .where(
+            JOBS.c.seq.in_(select(next_jobs.c.seq)),
+            JOBS.c.status == JobStatus.PENDING.value,
+        )
         .values(
             status=JobStatus.PROCESSING.value,
             worker_id=worker_id,
-            started_at=now,
-            updated_at=now,
+            started_at=moment,
+            updated_at=moment,
             finished_at=None,
-            attempts=ExtractionJob.attempts + 1,
-            version=ExtractionJob.version + 1,
+            attempts=JOBS.c.attempts + 1,
+            version=JOBS.c.version + 1,
         )
-        .returning(ExtractionJob)
-        .execution_options(synchronize_session=False)
+        .returning(*JOBS.c)
     )
+
+
+def transition_statement(
+    job_id: uuid.UUID,
+    *,
+    target: JobStatus,
+    error_message: str | None,
+    sources: Collection[JobStatus],
+    versions: Collection[int] | None,
+    finished: bool,
+    now: datetime,
+) -> Update:
+    """Move a job to `target` in one conditional UPDATE … RETURNING.
+
+    It changes the row only if the job is in one of `sources` (or already
+    at `target` with a different error message, which then is all that
+    changes) and, when `versions` is given, at one of those versions.
+    """
+    moving = JOBS.c.status != target.value
+    changed_at = strictly_after(_timestamp(now), JOBS.c.updated_at)
+    values: dict[str, Any] = {
+        "status": target.value,
+        "error_message": error_message,
+        "updated_at": changed_at,
+        "finished_at": case(
+            (moving, changed_at if finished else null()), else_=JOBS.c.finished_at
+        ),
+        "version": JOBS.c.version + 1,
+    }
+    if target == JobStatus.PROCESSING:
+        values["started_at"] = case((moving, changed_at), else_=JOBS.c.started_at)
+        values["attempts"] = JOBS.c.attempts + case((moving, 1), else_=0)
+    only_message = and_(
+        JOBS.c.status == target.value,
+        JOBS.c.error_message.is_distinct_from(
+            bindparam(
+                "same_status_message", error_message, type_=JOBS.c.error_message.type
+            )
+        ),
+    )
+    allowed = [status.value for status in sources]
+    condition = [JOBS.c.id == job_id, or_(JOBS.c.status.in_(allowed), only_message)]
+    if versions is not None:
+        condition.append(JOBS.c.version.in_(sorted(versions)))
+    return update(JOBS).where(*condition).values(values).returning(*JOBS.c)
 
 
 class IdempotencyKeyTaken(Exception):
     """Another job already holds this caller's idempotency key."""
+
+
+def _one(connection: Connection, statement) -> Job | None:
+    row = connection.execute(statement).first()
+    return job_from_row(row._mapping) if row is not None else None
 
 
 class ExtractionJobRepository:
@@ -81,9 +194,10 @@ class ExtractionJobRepository:
         ping(self.url)
 
     def add(self, job: Job, idempotency_key: str | None = None) -> Job:
+        """One INSERT; a taken idempotency key is `IdempotencyKeyTaken`."""
+        statement = insert(JOBS).values(to_values(job, idempotency_key))
         try:
-            with session_scope(self.url, write=True) as session:
-                session.add(to_row(job, idempotency_key))
+            run(self.url, lambda connection: connection.execute(statement), write=True)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -91,21 +205,15 @@ class ExtractionJobRepository:
         return job
 
     def get(self, job_id: uuid.UUID) -> Job | None:
-        with session_scope(self.url) as session:
-            row = session.scalar(
-                select(ExtractionJob).where(ExtractionJob.id == job_id)
-            )
-            return to_job(row) if row else None
+        statement = select(JOBS).where(JOBS.c.id == job_id)
+        return run(self.url, lambda connection: _one(connection, statement))
 
     def get_by_idempotency_key(self, created_by: str | None, key: str) -> Job | None:
-        with session_scope(self.url) as session:
-            row = session.scalar(
-                select(ExtractionJob).where(
-                    func.coalesce(ExtractionJob.created_by, "") == (created_by or ""),
-                    ExtractionJob.idempotency_key == key,
-                )
-            )
-            return to_job(row) if row else None
+        statement = select(JOBS).where(
+            func.coalesce(JOBS.c.created_by, "") == (created_by or ""),
+            JOBS.c.idempotency_key == key,
+        )
+        return run(self.url, lambda connection: _one(connection, statement))
 
     def list_jobs(
         self,
@@ -115,9 +223,14 @@ class ExtractionJobRepository:
         limit: int,
         offset: int,
     ) -> list[Job]:
-        query = list_query(document_id, status, limit, offset)
-        with session_scope(self.url) as session:
-            return [to_job(row) for row in session.scalars(query)]
+        statement = list_query(document_id, status, limit, offset)
+
+        def rows(connection: Connection) -> list[Job]:
+            return [
+                job_from_row(row) for row in connection.execute(statement).mappings()
+            ]
+
+        return run(self.url, rows)
 
     def update(
         self, job_id: uuid.UUID, expected_version: int, **changes: Any
@@ -128,17 +241,36 @@ class ExtractionJobRepository:
         in between, so the caller can decide between retrying and a 412.
         """
         statement = (
-            update(ExtractionJob)
-            .where(
-                ExtractionJob.id == job_id, ExtractionJob.version == expected_version
-            )
+            update(JOBS)
+            .where(JOBS.c.id == job_id, JOBS.c.version == expected_version)
             .values(**changes, version=expected_version + 1)
-            .returning(ExtractionJob)
-            .execution_options(synchronize_session=False)
+            .returning(*JOBS.c)
         )
-        with session_scope(self.url, write=True) as session:
-            row = session.scalar(statement)
-            return to_job(row) if row else None
+        return run(self.url, lambda connection: _one(connection, statement), write=True)
+
+    def transition(
+        self,
+        job_id: uuid.UUID,
+        *,
+        target: JobStatus,
+        error_message: str | None,
+        sources: Collection[JobStatus],
+        versions: Collection[int] | None,
+        finished: bool,
+        now: datetime,
+    ) -> Job | None:
+        """The job after the move, or None when the conditions refused it
+        (the caller re-reads the job to say why)."""
+        statement = transition_statement(
+            job_id,
+            target=target,
+            error_message=error_message,
+            sources=sources,
+            versions=versions,
+            finished=finished,
+            now=now,
+        )
+        return run(self.url, lambda connection: _one(connection, statement), write=True)
 
     def claim(self, *, worker_id: str, limit: int, now: datetime) -> list[Job]:
         """Move up to `limit` pending jobs to processing in one statement.
@@ -148,8 +280,11 @@ class ExtractionJobRepository:
         no locking clause and is serialised by its write lock instead.
         """
         statement = claim_statement(worker_id, limit, now)
-        with session_scope(self.url, write=True) as session:
-            rows = session.scalars(statement).all()
+
+        def claimed(connection: Connection) -> list[Job]:
+            rows = connection.execute(statement).mappings().all()
             # RETURNING has no order of its own.
-            rows.sort(key=lambda row: (-row.priority, row.seq))
-            return [to_job(row) for row in rows]
+            rows = sorted(rows, key=lambda row: (-row["priority"], row["seq"]))
+            return [job_from_row(row) for row in rows]
+
+        return run(self.url, claimed, write=True)

@@ -1,13 +1,44 @@
-"""Conversion from ORM rows to the HTTP contract, so no ORM object leaves the repository."""
+"""Conversion between stored rows and the HTTP contract, so no row or ORM
+object leaves the repository.
+
+Rows come from our own table, whose columns and constraints already hold
+what the contract promises, so jobs are built without validating them
+again (`model_construct`); FastAPI then serializes them once.
+"""
 
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from db_models import ExtractionJob
 from models import Job, JobStatus
 
+_construct = Job.model_construct
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """A job from a Core result row (its mapping, keyed by column name)."""
+    return _construct(
+        id=str(row["id"]),
+        document_id=row["document_id"],
+        status=JobStatus(row["status"]),
+        priority=row["priority"],
+        metadata=row["metadata"],
+        error_message=row["error_message"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        created_by=row["created_by"],
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        version=row["version"],
+    )
+
 
 def to_job(row: ExtractionJob) -> Job:
-    return Job(
+    """A job from an ORM object."""
+    return _construct(
         id=str(row.id),
         document_id=row.document_id,
         status=JobStatus(row.status),
@@ -23,6 +54,27 @@ def to_job(row: ExtractionJob) -> Job:
         finished_at=row.finished_at,
         version=row.version,
     )
+
+
+def to_values(job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
+    """The column values (by column name) of a new job's row."""
+    return {
+        "id": uuid.UUID(job.id),
+        "document_id": job.document_id,
+        "status": job.status.value,
+        "priority": job.priority,
+        "metadata": job.metadata,
+        "error_message": job.error_message,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "created_by": job.created_by,
+        "attempts": job.attempts,
+        "worker_id": job.worker_id,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "version": job.version,
+        "idempotency_key": idempotency_key,
+    }
 
 
 def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:

@@ -25,9 +25,16 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.COMPLETED: frozenset(),
 }
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+# The same machine read backwards: from where each status may be reached.
+SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
+    target: frozenset(
+        source for source, targets in TRANSITIONS.items() if target in targets
+    )
+    for target in JobStatus
+}
 
-# Without If-Match, a PATCH that loses a race re-reads and re-checks the
-# state machine; this bounds how often before it gives up.
+# A PATCH refused by its conditional UPDATE re-reads the job; if the job
+# changed in between, it tries again. This bounds how often.
 MAX_UPDATE_ATTEMPTS = 10
 ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -107,13 +114,12 @@ class JobService:
         created_by: str | None,
         idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
-        """Create a job; returns it and whether it is a replay of an earlier create."""
-        if idempotency_key is not None:
-            earlier = self.repository.get_by_idempotency_key(
-                created_by, idempotency_key
-            )
-            if earlier is not None:
-                return self._replay(earlier, data), True
+        """Create a job; returns it and whether it is a replay of an earlier create.
+
+        The INSERT comes first, so a create is one round trip unless the key
+        was used before; the unique index on (caller, key) decides, also
+        between concurrent requests with the same key.
+        """
         now = self.clock()
         job = Job(
             id=str(uuid.uuid4()),
@@ -134,11 +140,12 @@ class JobService:
         try:
             return self.repository.add(job, idempotency_key), False
         except IdempotencyKeyTaken:
-            # A concurrent request with the same key won the unique constraint.
-            winner = self.repository.get_by_idempotency_key(created_by, idempotency_key)
-            if winner is None:
+            earlier = self.repository.get_by_idempotency_key(
+                created_by, idempotency_key
+            )
+            if earlier is None:
                 raise
-            return self._replay(winner, data), True
+            return self._replay(earlier, data), True
 
     @staticmethod
     def _replay(earlier: Job, data: JobCreate) -> Job:
@@ -169,48 +176,38 @@ class JobService:
     ) -> Job:
         """Move a job along the state machine.
 
-        `if_match` holds the versions the client accepts (None: any). The write
-        is a compare-and-swap on `version`, so a concurrent change is never
-        overwritten: with If-Match it is a `VersionMismatch`; without, the
-        move is re-checked against the fresh state.
+        `if_match` holds the versions the client accepts (None: any). The move
+        is one conditional UPDATE whose WHERE clause is the state machine (and
+        If-Match), so a concurrent change is never overwritten. Only when it
+        changes nothing is the job read again, to say why: 404, 412, 409, or
+        nothing to change; if it changed in between, the move is tried again
+        against its new state.
         """
         uid = _parse_id(job_id)
+        target = data.status
         for _ in range(MAX_UPDATE_ATTEMPTS):
+            updated = self.repository.transition(
+                uid,
+                target=target,
+                error_message=data.error_message,
+                sources=SOURCES[target],
+                versions=if_match,
+                finished=target in FINISHED,
+                now=self.clock(),
+            )
+            if updated is not None:
+                return updated
             job = self.repository.get(uid)
             if job is None:
                 raise JobNotFound(job_id)
             if if_match is not None and job.version not in if_match:
                 raise VersionMismatch(job.version)
-            changes = self._changes(job, data)
-            if not changes:
-                return job
-            updated = self.repository.update(uid, job.version, **changes)
-            if updated is not None:
-                return updated
-            if if_match is not None:
-                latest = self.repository.get(uid)
-                if latest is None:
-                    raise JobNotFound(job_id)
-                raise VersionMismatch(latest.version)
+            if target == job.status:
+                if data.error_message == job.error_message:
+                    return job  # nothing to change
+            elif target not in TRANSITIONS[job.status]:
+                raise InvalidTransition(job.status, target)
         raise UpdateContention()
-
-    def _changes(self, job: Job, data: JobUpdate) -> dict[str, object]:
-        if data.status == job.status:
-            if data.error_message == job.error_message:
-                return {}
-            return {"error_message": data.error_message, "updated_at": self._after(job)}
-        if data.status not in TRANSITIONS[job.status]:
-            raise InvalidTransition(job.status, data.status)
-        now = self._after(job)
-        changes: dict[str, object] = {
-            "status": data.status.value,
-            "error_message": data.error_message,
-            "updated_at": now,
-            "finished_at": now if data.status in FINISHED else None,
-        }
-        if data.status == JobStatus.PROCESSING:
-            changes |= {"started_at": now, "attempts": job.attempts + 1}
-        return changes
 
     def _after(self, job: Job) -> datetime:
         """Now, but strictly after the job's last change, whatever the clock says."""

@@ -11,7 +11,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install run test test-deployed lint build plan deploy destroy clean
+.PHONY: install run test test-deployed lint build plan deploy destroy clean bench
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test: install
 test-deployed: install
 	@test -n "$$API_URL" || { echo "API_URL is required (and API_TOKEN when auth is on)"; exit 2; }
 	$(BIN)/pytest tests/test_api.py
+
+# Throughput as ratios to floors measured in the same run (PostgreSQL only):
+#   TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test make bench
+bench: install
+	$(BIN)/python scripts/bench.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -10,12 +10,19 @@ clause, `FOR UPDATE SKIP LOCKED`), never by holding locks across calls.
 import uuid
 from collections.abc import Collection
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
     CTE,
+    BigInteger,
     Connection,
+    Executable,
+    Insert,
+    Integer,
     Select,
+    String,
+    Text,
     Update,
     and_,
     bindparam,
@@ -39,10 +46,6 @@ from schemas import job_from_row, to_values
 
 JOBS = ExtractionJob.__table__
 CLAIM_ORDER = (ExtractionJob.priority.desc(), ExtractionJob.seq)
-
-
-def _timestamp(value: datetime) -> Any:
-    return literal(value, UTCDateTime())
 
 
 class strictly_after(FunctionElement):
@@ -72,18 +75,64 @@ def _strictly_after_sqlite(element, compiler, **kw):
     )
 
 
-def list_query(
-    document_id: str | None, status: JobStatus | None, limit: int, offset: int
-) -> Select:
-    query = select(JOBS).order_by(JOBS.c.seq).limit(limit).offset(offset)
-    if document_id is not None:
-        query = query.where(JOBS.c.document_id == document_id)
-    if status is not None:
-        query = query.where(JOBS.c.status == status.value)
+# Statements are built once and run with bound parameters: SQLAlchemy then
+# reuses not only the compiled SQL but also what it derives from the
+# statement object itself (the result columns), per request.
+
+
+@cache
+def _by_id() -> Select:
+    return select(JOBS).where(JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+
+
+@cache
+def _by_idempotency_key() -> Select:
+    return select(JOBS).where(
+        func.coalesce(JOBS.c.created_by, "") == bindparam("created_by", type_=String),
+        JOBS.c.idempotency_key == bindparam("key", type_=String),
+    )
+
+
+@cache
+def _insert() -> Insert:
+    return insert(JOBS)
+
+
+@cache
+def _list(by_document: bool, by_status: bool) -> Select:
+    query = (
+        select(JOBS)
+        .order_by(JOBS.c.seq)
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=BigInteger))
+    )
+    if by_document:
+        query = query.where(JOBS.c.document_id == bindparam("document_id"))
+    if by_status:
+        query = query.where(JOBS.c.status == bindparam("status"))
     return query
 
 
-def next_pending_jobs(limit: int) -> CTE:
+def _list_params(
+    document_id: str | None, status: JobStatus | None, limit: int, offset: int
+) -> tuple[Select, dict[str, Any]]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if document_id is not None:
+        params["document_id"] = document_id
+    if status is not None:
+        params["status"] = status.value
+    return _list(document_id is not None, status is not None), params
+
+
+def list_query(
+    document_id: str | None, status: JobStatus | None, limit: int, offset: int
+) -> Select:
+    """The list statement with its values bound (for EXPLAIN and tests)."""
+    statement, params = _list_params(document_id, status, limit, offset)
+    return statement.params(**params)
+
+
+def next_pending_jobs(limit: Any) -> CTE:
     """The `limit` most urgent pending jobs, locked, skipping locked ones.
 
     MATERIALIZED, so it is evaluated exactly once. As a plain `IN (subquery)`,
@@ -103,7 +152,7 @@ def next_pending_jobs(limit: int) -> CTE:
     )
 
 
-def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
+def _claim_update(limit: Any, worker_id: Any, moment: Any) -> Update:
     """`WITH next_jobs AS MATERIALIZED (… FOR UPDATE SKIP LOCKED) UPDATE … RETURNING …`
 
     One statement, so one round trip. More work belongs in it as further
@@ -112,7 +161,6 @@ def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
     selects from this UPDATE's RETURNING.
     """
     next_jobs = next_pending_jobs(limit)
-    moment = _timestamp(now)
     return (
         update(JOBS)
         .where(
@@ -132,30 +180,51 @@ def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
     )
 
 
-def transition_statement(
-    job_id: uuid.UUID,
-    *,
+@cache
+def _claim() -> Update:
+    return _claim_update(
+        bindparam("limit", type_=Integer),
+        bindparam("claimer", type_=String),
+        bindparam("moment", type_=UTCDateTime()),
+    )
+
+
+def _claim_params(worker_id: str, limit: int, now: datetime) -> dict[str, Any]:
+    return {"claimer": worker_id, "limit": limit, "moment": now}
+
+
+def claim_statement(worker_id: str, limit: int, now: datetime) -> Update:
+    """The claim statement with its values in it (for EXPLAIN and benchmarks)."""
+    return _claim_update(limit, worker_id, literal(now, UTCDateTime()))
+
+
+@cache
+def _transition(
     target: JobStatus,
-    error_message: str | None,
-    sources: Collection[JobStatus],
-    versions: Collection[int] | None,
+    sources: frozenset[JobStatus],
     finished: bool,
-    now: datetime,
+    with_versions: bool,
 ) -> Update:
     """Move a job to `target` in one conditional UPDATE … RETURNING.
 
     It changes the row only if the job is in one of `sources` (or already
     at `target` with a different error message, which then is all that
-    changes) and, when `versions` is given, at one of those versions.
+    changes) and, `with_versions`, at one of the versions If-Match named.
+    A move sets `finished_at` if `finished`, else clears it.
     """
+    allowed = sorted(source.value for source in sources)
     moving = JOBS.c.status != target.value
-    changed_at = strictly_after(_timestamp(now), JOBS.c.updated_at)
+    message = bindparam("message", type_=Text)
+    changed_at = strictly_after(
+        bindparam("moment", type_=UTCDateTime()), JOBS.c.updated_at
+    )
     values: dict[str, Any] = {
         "status": target.value,
-        "error_message": error_message,
+        "error_message": message,
         "updated_at": changed_at,
         "finished_at": case(
-            (moving, changed_at if finished else null()), else_=JOBS.c.finished_at
+            (moving, changed_at if finished else null()),
+            else_=JOBS.c.finished_at,
         ),
         "version": JOBS.c.version + 1,
     }
@@ -164,26 +233,19 @@ def transition_statement(
         values["attempts"] = JOBS.c.attempts + case((moving, 1), else_=0)
     only_message = and_(
         JOBS.c.status == target.value,
-        JOBS.c.error_message.is_distinct_from(
-            bindparam(
-                "same_status_message", error_message, type_=JOBS.c.error_message.type
-            )
-        ),
+        JOBS.c.error_message.is_distinct_from(message),
     )
-    allowed = [status.value for status in sources]
-    condition = [JOBS.c.id == job_id, or_(JOBS.c.status.in_(allowed), only_message)]
-    if versions is not None:
-        condition.append(JOBS.c.version.in_(sorted(versions)))
+    condition = [
+        JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type),
+        or_(JOBS.c.status.in_(allowed), only_message),
+    ]
+    if with_versions:
+        condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))
     return update(JOBS).where(*condition).values(values).returning(*JOBS.c)
 
 
 class IdempotencyKeyTaken(Exception):
     """Another job already holds this caller's idempotency key."""
-
-
-def _one(connection: Connection, statement) -> Job | None:
-    row = connection.execute(statement).first()
-    return job_from_row(row._mapping) if row is not None else None
 
 
 class ExtractionJobRepository:
@@ -193,11 +255,33 @@ class ExtractionJobRepository:
     def ping(self) -> None:
         ping(self.url)
 
+    def _one(
+        self, statement: Executable, params: dict[str, Any], *, write: bool = False
+    ) -> Job | None:
+        def one(connection: Connection) -> Job | None:
+            row = connection.execute(statement, params).mappings().first()
+            return job_from_row(row) if row is not None else None
+
+        return run(self.url, one, write=write)
+
+    def _all(
+        self, statement: Executable, params: dict[str, Any], *, write: bool = False
+    ) -> list[Job]:
+        def all_(connection: Connection) -> list[Job]:
+            rows = connection.execute(statement, params).mappings()
+            return [job_from_row(row) for row in rows]
+
+        return run(self.url, all_, write=write)
+
     def add(self, job: Job, idempotency_key: str | None = None) -> Job:
         """One INSERT; a taken idempotency key is `IdempotencyKeyTaken`."""
-        statement = insert(JOBS).values(to_values(job, idempotency_key))
+        values = to_values(job, idempotency_key)
         try:
-            run(self.url, lambda connection: connection.execute(statement), write=True)
+            run(
+                self.url,
+                lambda connection: connection.execute(_insert(), values),
+                write=True,
+            )
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -205,15 +289,11 @@ class ExtractionJobRepository:
         return job
 
     def get(self, job_id: uuid.UUID) -> Job | None:
-        statement = select(JOBS).where(JOBS.c.id == job_id)
-        return run(self.url, lambda connection: _one(connection, statement))
+        return self._one(_by_id(), {"job_id": job_id})
 
     def get_by_idempotency_key(self, created_by: str | None, key: str) -> Job | None:
-        statement = select(JOBS).where(
-            func.coalesce(JOBS.c.created_by, "") == (created_by or ""),
-            JOBS.c.idempotency_key == key,
-        )
-        return run(self.url, lambda connection: _one(connection, statement))
+        params = {"created_by": created_by or "", "key": key}
+        return self._one(_by_idempotency_key(), params)
 
     def list_jobs(
         self,
@@ -223,14 +303,7 @@ class ExtractionJobRepository:
         limit: int,
         offset: int,
     ) -> list[Job]:
-        statement = list_query(document_id, status, limit, offset)
-
-        def rows(connection: Connection) -> list[Job]:
-            return [
-                job_from_row(row) for row in connection.execute(statement).mappings()
-            ]
-
-        return run(self.url, rows)
+        return self._all(*_list_params(document_id, status, limit, offset))
 
     def update(
         self, job_id: uuid.UUID, expected_version: int, **changes: Any
@@ -246,7 +319,7 @@ class ExtractionJobRepository:
             .values(**changes, version=expected_version + 1)
             .returning(*JOBS.c)
         )
-        return run(self.url, lambda connection: _one(connection, statement), write=True)
+        return self._one(statement, {}, write=True)
 
     def transition(
         self,
@@ -259,18 +332,24 @@ class ExtractionJobRepository:
         finished: bool,
         now: datetime,
     ) -> Job | None:
-        """The job after the move, or None when the conditions refused it
-        (the caller re-reads the job to say why)."""
-        statement = transition_statement(
-            job_id,
-            target=target,
-            error_message=error_message,
-            sources=sources,
-            versions=versions,
-            finished=finished,
-            now=now,
+        """Move the job to `target` along the state machine (see _transition).
+
+        Returns the job after the move, or None when the conditions refused
+        it; the caller re-reads the job to say why.
+        """
+        params: dict[str, Any] = {
+            "job_id": job_id,
+            "message": error_message,
+            "moment": now,
+        }
+        if versions is not None:
+            if not versions:
+                return None  # If-Match named no version of ours: nothing matches
+            params["versions"] = sorted(versions)
+        statement = _transition(
+            target, frozenset(sources), finished, versions is not None
         )
-        return run(self.url, lambda connection: _one(connection, statement), write=True)
+        return self._one(statement, params, write=True)
 
     def claim(self, *, worker_id: str, limit: int, now: datetime) -> list[Job]:
         """Move up to `limit` pending jobs to processing in one statement.
@@ -279,12 +358,12 @@ class ExtractionJobRepository:
         each other's rows instead of waiting or double-claiming; SQLite renders
         no locking clause and is serialised by its write lock instead.
         """
-        statement = claim_statement(worker_id, limit, now)
+        params = _claim_params(worker_id, limit, now)
 
         def claimed(connection: Connection) -> list[Job]:
-            rows = connection.execute(statement).mappings().all()
+            rows = connection.execute(_claim(), params).mappings().all()
             # RETURNING has no order of its own.
-            rows = sorted(rows, key=lambda row: (-row["priority"], row["seq"]))
+            rows.sort(key=lambda row: (-row["priority"], row["seq"]))
             return [job_from_row(row) for row in rows]
 
         return run(self.url, claimed, write=True)

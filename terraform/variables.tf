@@ -272,3 +272,15 @@ variable "cors_allow_origins" {
     error_message = "cors_allow_origins must be origins such as https://app.example.com: a scheme and a host, no path, no wildcard."
   }
 }
+
+variable "enable_snapstart" {
+  type        = bool
+  description = "Lambda SnapStart: publish a version on every apply, snapshot its initialised environment, and point the HTTP API at the `live` alias of it. Needs lambda_runtime python3.12 or newer (refused at plan time on python3.11). Cold starts then restore the snapshot instead of importing the app."
+  default     = false
+  nullable    = false
+
+  validation {
+    condition     = contains([true, false], var.enable_snapstart)
+    error_message = "enable_snapstart must be true or false."
+  }
+}

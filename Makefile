@@ -11,7 +11,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install run test test-deployed lint build plan deploy destroy clean bench
+.PHONY: install run test test-deployed lint migrate build plan deploy destroy clean
 
 install: $(STAMP)
 
@@ -39,12 +39,17 @@ test-deployed: install
 
 # Throughput as ratios to floors measured in the same run (PostgreSQL only):
 #   TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test make bench
+.PHONY: bench
 bench: install
 	$(BIN)/python scripts/bench.py
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# alembic upgrade head against DATABASE_URL (or the default SQLite file).
+migrate: install
+	$(BIN)/alembic upgrade head
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh

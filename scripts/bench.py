@@ -317,7 +317,7 @@ def main() -> None:
 
     base_url = database.normalize_url(base_url)
     url = bench_database(base_url)
-    database.create_tables(url)
+    database.upgrade_schema(url)
     database.reset_engines()
     env = {"DATABASE_URL": url, "AUTH_DISABLED": "1"}
     servers = [start_server("app", env), start_server("floor", env)]

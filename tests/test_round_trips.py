@@ -83,6 +83,7 @@ def statement_log() -> Iterator[tuple[str, StatementLog]]:
         cursor.execute(f'CREATE DATABASE "{name}"')
         cursor.execute(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
     url = base.set(database=name).render_as_string(hide_password=False)
+    database.upgrade_schema(url)
     yield url, StatementLog(admin, path, name)
     database.reset_engines()
     with admin.cursor() as cursor:
@@ -242,10 +243,8 @@ def test_pooled_connection_is_pinged_only_after_idling(counted):
 def test_fresh_connection_is_never_pinged(statement_log, monkeypatch):
     url, log = statement_log
     monkeypatch.setenv("DB_PING_AFTER_IDLE_S", "0")
-    database.reset_engines()
-    database.create_tables(url)
     database.reset_engines()  # a pool with no connection in it yet
-    database._database(url).tables_ready = True  # so nothing else connects first
+    database._database(url).schema_ready = True  # so nothing else connects first
 
     def select_2() -> None:
         database.run(url, lambda connection: connection.exec_driver_sql("SELECT 2"))

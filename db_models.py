@@ -18,7 +18,6 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from models import MAX_PRIORITY, MIN_PRIORITY, JobStatus
@@ -54,10 +53,46 @@ class UTCDateTime(TypeDecorator[datetime]):
         )
 
 
-# A JSON null stays SQL NULL, so "no metadata" is one value, not two.
-JSONDocument = JSON(none_as_null=True).with_variant(
-    JSONB(none_as_null=True), "postgresql"
-)
+class JSONDocument(TypeDecorator[Any]):
+    """JSONB on PostgreSQL, JSON elsewhere; a JSON null stays SQL NULL, so
+    "no metadata" is one value, not two.
+
+    A decorator rather than `JSON().with_variant(JSONB())`: naming JSONB at
+    import would load the whole PostgreSQL dialect on every cold start,
+    SQLite too; this loads it when a PostgreSQL engine first needs it.
+    """
+
+    impl = JSON(none_as_null=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
+
+
+class PartialIndex(Index):
+    """An index `WHERE where` on PostgreSQL and SQLite.
+
+    The same as `Index(..., postgresql_where=where, sqlite_where=where)`,
+    except that those keywords make SQLAlchemy load both dialects at import
+    (to validate them); here each dialect's option is filled in when that
+    dialect first asks for it, e.g. while compiling CREATE INDEX.
+    """
+
+    def __init__(self, name: str, *expressions: Any, where: Any, **kw: Any) -> None:
+        super().__init__(name, *expressions, **kw)
+        self.partial_where = where
+
+    def _kw_reg_for_dialect_cls(self, dialect_name: str) -> Any:
+        options = super()._kw_reg_for_dialect_cls(dialect_name)
+        if dialect_name in ("postgresql", "sqlite"):
+            options["where"] = self.partial_where
+        return options
+
+
 # SQLite only autoincrements an INTEGER PRIMARY KEY.
 Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -90,7 +125,7 @@ class ExtractionJob(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # `metadata` is reserved on declarative classes, hence the attribute name.
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column(
-        "metadata", JSONDocument
+        "metadata", JSONDocument()
     )
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -116,12 +151,11 @@ class ExtractionJob(Base):
         Index("ix_extraction_job_document_id", "document_id", "seq"),
         Index("ix_extraction_job_status", "status", "seq"),
         # The claim query: pending jobs, most urgent first, then oldest.
-        Index(
+        PartialIndex(
             "ix_extraction_job_pending_claim",
             text("priority DESC"),
             "seq",
-            postgresql_where=PENDING,
-            sqlite_where=PENDING,
+            where=PENDING,
         ),
         # One job per idempotency key and caller; anonymous callers share ''.
         Index(

@@ -18,6 +18,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from auth import (
@@ -76,7 +77,15 @@ def get_service(request: Request) -> JobService:
     return request.app.state.service
 
 
-Service = Annotated[JobService, Depends(get_service)]
+async def _service(request: Request) -> JobService:
+    # Async: a sync dependency costs every request a hop to the threadpool.
+    return request.app.state.service
+
+
+# The job routes are async and run the (blocking) service call in the
+# threadpool themselves: one hop per request, where a sync route takes a
+# second one for FastAPI's response validation.
+Service = Annotated[JobService, Depends(_service)]
 Reader = Annotated[Principal, Security(require_scope(READ_SCOPE), scopes=[READ_SCOPE])]
 Writer = Annotated[
     Principal, Security(require_scope(WRITE_SCOPE), scopes=[WRITE_SCOPE])
@@ -114,7 +123,7 @@ def _parse_if_match(value: str | None) -> frozenset[int] | None:
     summary="Create a job",
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
-def create_job(
+async def create_job(
     data: JobCreate,
     response: Response,
     service: Service,
@@ -130,8 +139,8 @@ def create_job(
         ),
     ] = None,
 ) -> Job:
-    job, replayed = service.create(
-        data, created_by=principal.sub, idempotency_key=idempotency_key
+    job, replayed = await run_in_threadpool(
+        service.create, data, created_by=principal.sub, idempotency_key=idempotency_key
     )
     response.headers["Location"] = f"/extraction-jobs/{job.id}"
     if replayed:
@@ -145,8 +154,8 @@ def create_job(
     summary="Claim the next pending jobs, most urgent first",
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
-def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
-    return service.claim(request)
+async def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
+    return await run_in_threadpool(service.claim, request)
 
 
 @router.get(
@@ -155,7 +164,7 @@ def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
     summary="List jobs in creation order",
     responses=_errors(422, *COMMON_ERRORS),
 )
-def list_jobs(
+async def list_jobs(
     service: Service,
     _: Reader,
     document_id: Annotated[
@@ -169,8 +178,12 @@ def list_jobs(
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[Job]:
-    return service.list_jobs(
-        document_id=document_id, status=status, limit=limit, offset=offset
+    return await run_in_threadpool(
+        service.list_jobs,
+        document_id=document_id,
+        status=status,
+        limit=limit,
+        offset=offset,
     )
 
 
@@ -180,8 +193,8 @@ def list_jobs(
     summary="Get one job",
     responses=_errors(404, *COMMON_ERRORS),
 )
-def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
-    return _etag(response, service.get(job_id))
+async def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
+    return _etag(response, await run_in_threadpool(service.get, job_id))
 
 
 @router.patch(
@@ -190,7 +203,7 @@ def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job
     summary="Change a job's status",
     responses=_errors(404, 409, 412, 413, 422, *COMMON_ERRORS),
 )
-def update_job(
+async def update_job(
     job_id: str,
     data: JobUpdate,
     response: Response,
@@ -204,7 +217,9 @@ def update_job(
         ),
     ] = None,
 ) -> Job:
-    job = service.update(job_id, data, if_match=_parse_if_match(if_match))
+    job = await run_in_threadpool(
+        service.update, job_id, data, if_match=_parse_if_match(if_match)
+    )
     return _etag(response, job)
 
 

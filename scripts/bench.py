@@ -6,7 +6,7 @@ Usage: make bench, or
         .venv/bin/python scripts/bench.py [--seconds 5] [--rounds 3]
 
 It creates (and drops again) a database of its own, `<that database>_bench`,
-starts the app (auth disabled, default pool) and a floor app in one uvicorn
+starts the app (auth disabled, a pool of 8) and a floor app in one uvicorn
 process each, and drives them with 8 keep-alive connections from an asyncio
 load generator in this process. Each scenario runs `--rounds` times,
 interleaved with its floors, and the best round of each counts.
@@ -319,7 +319,9 @@ def main() -> None:
     url = bench_database(base_url)
     database.upgrade_schema(url)
     database.reset_engines()
-    env = {"DATABASE_URL": url, "AUTH_DISABLED": "1"}
+    # One connection per concurrent client, as the psycopg2 floor has: the
+    # default pool (2) is sized for Lambda, one request per environment.
+    env = {"DATABASE_URL": url, "AUTH_DISABLED": "1", "DB_POOL_SIZE": str(CONCURRENCY)}
     servers = [start_server("app", env), start_server("floor", env)]
     (_, app_port), (_, floor_port) = servers
     try:

@@ -93,7 +93,7 @@ def _env_int(name: str, default: int) -> int:
 
 def _postgres_engine(url: str) -> Engine:
     statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         # Small by default: on Lambda every execution environment has its own pool.
@@ -106,6 +106,37 @@ def _postgres_engine(url: str) -> Engine:
             "application_name": "extraction-jobs",
         },
     )
+    if os.environ.get("DB_IAM_AUTH", "").strip() == "1":
+        use_iam_auth(engine)
+    return engine
+
+
+def use_iam_auth(engine: Engine) -> None:
+    """IAM database authentication (`DB_IAM_AUTH=1`, on AWS): every new
+    connection signs a fresh 15-minute token for its host, port and user with
+    the function's own credentials, and passes it as the password, so the
+    URL holds none. botocore comes with the Lambda runtime; it is imported
+    here only, so SQLite and password connections never load it."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = os.environ.get("AWS_REGION", "").strip() or session.get_config_variable(
+        "region"
+    )
+    if not region:
+        raise InvalidDatabaseURL("DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)")
+    signer = session.create_client("rds", region_name=region)
+    # The token is the signature; botocore's signer logs signatures at DEBUG.
+    logging.getLogger("botocore.auth").setLevel(logging.INFO)
+
+    @event.listens_for(engine, "do_connect")
+    def _sign_token(_dialect, _record, _cargs, cparams):
+        cparams["password"] = signer.generate_db_auth_token(
+            DBHostname=cparams["host"],
+            Port=int(cparams.get("port") or 5432),
+            DBUsername=cparams["user"],
+            Region=region,
+        )
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 from terraform_emulator import (
+    assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
+    assert_migration_function_reads_the_secret_by_arn,
     assert_network_isolation,
+    assert_no_password_in_state_or_environment,
+    assert_only_the_migration_role_reads_the_secret,
     leftovers,
     state_values,
     unexpected_changes,
@@ -593,15 +597,24 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "lambda_zip_path": str(lambda_zip),
         "db_deletion_protection": False,
         "db_skip_final_snapshot": True,
+        # moto stores a function but cannot run it, so the migration cannot be
+        # invoked here; everything else about it is deployed and checked.
+        "run_migrations_on_apply": False,
     }
     terraform = emulated_copy(workspace, "cycle", moto_endpoint, variables)
     try:
         terraform.run("apply", "-auto-approve")
-        deployed = state_values(terraform.show_json())
+        state = terraform.show_json()
+        deployed = state_values(state)
         assert_function_wired_to_private_network_and_database(
             moto_endpoint, deployed, variables
         )
         assert_network_isolation(moto_endpoint, deployed)
+        raw_state = (terraform.workdir / "terraform.tfstate").read_text()
+        assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)
+        assert_migration_function_reads_the_secret_by_arn(moto_endpoint)
+        assert_only_the_migration_role_reads_the_secret(moto_endpoint)
+        assert_api_role_connects_as_exactly_the_app_user(moto_endpoint)
 
         terraform.run("plan", "-out=replan.tfplan")
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []

@@ -6,7 +6,6 @@ means once per execution environment, whatever Mangum does with lifespan.
 """
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,11 +17,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+import settings
 from db_models import Base
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SQLITE_PATH = "extraction_jobs.db"
 SQLITE_BUSY_TIMEOUT_S = 15
 
 
@@ -30,56 +29,35 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached, or did not answer in time."""
 
 
-class InvalidDatabaseURL(ValueError):
-    pass
+# A bad DATABASE_URL is a configuration error like any other (settings.py).
+InvalidDatabaseURL = settings.ConfigError
 
 
 def database_url_from_env() -> str:
     """`DATABASE_URL` when set, else SQLite at `DB_PATH`."""
-    url = os.environ.get("DATABASE_URL", "").strip()
-    if url:
-        return normalize_url(url)
-    path = os.environ.get("DB_PATH", "").strip() or DEFAULT_SQLITE_PATH
-    return "sqlite://" if path == ":memory:" else f"sqlite:///{path}"
+    return settings.settings_from_env().resolved_database_url
 
 
 def normalize_url(url: str) -> str:
-    """Name the psycopg2 driver explicitly: SQLAlchemy 2.1 maps a bare
-    `postgresql://` to psycopg 3, and Heroku-style `postgres://` to nothing."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise InvalidDatabaseURL(
-            "DATABASE_URL must look like postgresql://user:pass@host/db"
-        )
-    if scheme in ("postgres", "postgresql"):
-        return f"postgresql+psycopg2://{rest}"
-    if scheme in ("postgresql+psycopg2", "sqlite"):
-        return url
-    raise InvalidDatabaseURL(
-        f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql:// or sqlite://"
-    )
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
+    """`url` with the psycopg2 driver named (see settings.normalize_database_url)."""
     try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise InvalidDatabaseURL(f"{name} must be an integer, got {raw!r}") from None
+        return settings.normalize_database_url(url)
+    except ValueError as error:
+        raise InvalidDatabaseURL([f"DATABASE_URL {error}"]) from None
 
 
 def _postgres_engine(url: str) -> Engine:
-    statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
+    config = settings.settings_from_env()
     return create_engine(
         url,
         pool_pre_ping=True,
         # Small by default: on Lambda every execution environment has its own pool.
-        pool_size=_env_int("DB_POOL_SIZE", 2),
-        max_overflow=_env_int("DB_MAX_OVERFLOW", 0),
-        pool_timeout=_env_int("DB_POOL_TIMEOUT", 10),
+        pool_size=config.db_pool_size,
+        max_overflow=config.db_max_overflow,
+        pool_timeout=config.db_pool_timeout,
         connect_args={
-            "connect_timeout": _env_int("DB_CONNECT_TIMEOUT", 5),
-            "options": f"-c statement_timeout={statement_timeout_ms}",
+            "connect_timeout": config.db_connect_timeout,
+            "options": f"-c statement_timeout={config.db_statement_timeout_ms}",
             "application_name": "extraction-jobs",
         },
     )

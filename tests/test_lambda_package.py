@@ -37,6 +37,7 @@ APP_MODULES = {
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "settings.py",
 }
 NEVER_PACKAGED = ("pytest", "_pytest", "uvicorn", "ruff", "boto3", "botocore", "moto")
 # Heavy modules a request on SQLite with auth disabled must not import.

@@ -125,3 +125,16 @@ def api(
 def doc_id() -> str:
     """A document id no other test (or real user of a deployed API) has."""
     return f"{CONTRACT_PREFIX}{uuid.uuid4().hex}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say once, at the end, which half of the suite did not run and why."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    postgres = sum("TEST_DATABASE_URL is not set" in str(r.longrepr) for r in skipped)
+    if postgres:
+        terminalreporter.write_line(
+            f"{postgres} PostgreSQL tests skipped: set TEST_DATABASE_URL to an empty "
+            "database they may write to, e.g. TEST_DATABASE_URL="
+            "postgresql://postgres@127.0.0.1:5432/test make test",
+            yellow=True,
+        )

@@ -184,21 +184,22 @@ class ClaimRequest(BaseModel):
     )
 
 
+# A failed job: every field has a value (FastAPI drops nulls from examples).
 JOB_EXAMPLE = {
     "id": "0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11",
     "document_id": "invoice-2026-0042.pdf",
-    "status": "processing",
+    "status": "failed",
     "priority": 5,
     "metadata": {"source": "s3://inbox/invoice-2026-0042.pdf", "pages": 3},
-    "error_message": None,
+    "error_message": "OCR engine timed out",
     "created_at": "2026-11-27T04:11:59.123456+00:00",
-    "updated_at": "2026-11-27T04:12:03.500000+00:00",
+    "updated_at": "2026-11-27T04:12:41.020000+00:00",
     "created_by": "auth0|5f7c8ec7c33c6c004bbafe82",
     "attempts": 1,
     "worker_id": "ocr-worker-7",
     "started_at": "2026-11-27T04:12:03.500000+00:00",
-    "finished_at": None,
-    "version": 2,
+    "finished_at": "2026-11-27T04:12:41.020000+00:00",
+    "version": 3,
 }
 
 

@@ -327,3 +327,20 @@ def recorded_paths(root: Path) -> set[str]:
         for line in record.read_text().splitlines():
             paths.add(line.rsplit(",", 2)[0])
     return paths
+
+
+def test_packaged_docs_serve_swagger_ui_from_the_package(
+    package: Package, tmp_path: Path
+) -> None:
+    """Under 1 MiB zipped, the docs assets are kept (build_lambda.docs_assets)."""
+    lambda_ = IsolatedLambda(
+        package, isolated_env({"DB_PATH": str(tmp_path / "jobs.db")})
+    )
+    page = lambda_.invoke(http_api_event("GET", "/docs"))
+    assert page["statusCode"] == 200
+    assert "/docs-assets/swagger-ui-bundle.js" in page["body"]
+    assert "cdn.jsdelivr.net" not in page["body"]
+    script = lambda_.invoke(http_api_event("GET", "/docs-assets/swagger-ui-bundle.js"))
+    assert script["statusCode"] == 200
+    assert "SwaggerUIBundle" in script["body"]
+    lambda_.close()

@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 
+# `make run` serves on 127.0.0.1:$(PORT).
+PORT ?= 8000
+
 # Lambda target platform; terraform's runtime/architectures must match.
 LAMBDA_PYTHON ?= 3.11
 LAMBDA_ARCH ?= x86_64
@@ -32,7 +35,7 @@ $(STAMP): $(RUN_STAMP) requirements-dev.txt
 # The banner names the database settings.py resolves (password hidden).
 run: install-run
 	@AUTH_DISABLED=1 $(BIN)/python settings.py banner
-	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port 8000
+	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port $(PORT)
 
 # /docs and /redoc in headless Chromium with no network but loopback
 # (needs Debian's chromium: apt-get install chromium). Not part of `make test`.

@@ -193,3 +193,23 @@ def test_make_run_installs_only_what_serving_needs(tmp_path):
     for tool in ("pytest", "ruff", "moto"):
         assert tool not in run_requirements
     assert "uvicorn" in run_requirements
+
+
+def test_make_test_ends_saying_how_many_postgresql_tests_skipped(tmp_path):
+    env = clean_env(tmp_path)
+    env.pop("TEST_DATABASE_URL", None)
+    env.pop("CI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + ["tests/test_docs.py", "-k", "realistic"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout
+    closing = result.stdout.strip().splitlines()[-2:]
+    assert closing[0].startswith("1 PostgreSQL tests skipped: set TEST_DATABASE_URL")
+    assert "1 passed, 1 skipped" in closing[1]

@@ -120,6 +120,7 @@ def test_no_mirror_no_registry_skips_terraform_tests_with_one_line():
     assert "1 skipped" in result.stdout
     skip_lines = [line for line in result.stdout.splitlines() if "SKIPPED" in line]
     assert len(skip_lines) == 1 and NO_PROVIDERS in skip_lines[0], result.stdout
+    assert f"1 skipped: {NO_PROVIDERS}" in result.stdout  # conftest's closing line
 
 
 def test_no_mirror_no_registry_fails_terraform_tests_under_ci():

@@ -494,6 +494,26 @@ def _install_docs(app: FastAPI) -> None:
         app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
 
 
+def _without_default_422(app: FastAPI) -> None:
+    """Drop the 422 FastAPI documents for every route with parameters: where a
+    422 can happen it is declared (ValidationErrorBody); elsewhere it cannot."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    default = operation["responses"].get("422", {})
+                    if "HTTPValidationError" in json.dumps(default):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app() -> FastAPI:
     """Build the app from the environment. Refuses to start on bad config
     (settings.ConfigError); connects to nothing (engines, tables and keys are
@@ -531,6 +551,7 @@ def create_app() -> FastAPI:
         },
     )
     _install_docs(app)
+    _without_default_422(app)
     return app
 
 

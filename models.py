@@ -240,7 +240,7 @@ class ErrorBody(BaseModel):
     )
 
 
-class ValidationError(BaseModel):
+class ValidationProblem(BaseModel):
     """One problem with the request; the offending input is never echoed."""
 
     type: str = Field(examples=["less_than_equal"])
@@ -254,6 +254,6 @@ class ValidationError(BaseModel):
 class ValidationErrorBody(BaseModel):
     """A 422. For a reused Idempotency-Key (create only), `detail` is a sentence."""
 
-    detail: list[ValidationError] | str = Field(
+    detail: list[ValidationProblem] | str = Field(
         description="One entry per problem; a sentence for a reused Idempotency-Key."
     )

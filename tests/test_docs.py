@@ -80,6 +80,14 @@ def test_openapi_422_is_a_list_of_type_loc_msg_as_really_answered(client, openap
     assert set(real.json()["detail"][0]) == {"type", "loc", "msg"}
 
 
+def test_openapi_declares_no_422_shape_the_api_never_sends(openapi):
+    text = json.dumps(openapi)
+    assert "HTTPValidationError" not in text
+    job = openapi["paths"]["/extraction-jobs/{job_id}"]
+    assert "422" not in job["get"]["responses"]  # nothing there can be invalid
+    assert "422" in job["patch"]["responses"]
+
+
 def headers_of(openapi: dict, path: str, method: str, status: str) -> set[str]:
     return set(openapi["paths"][path][method]["responses"][status].get("headers", {}))
 

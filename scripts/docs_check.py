@@ -4,8 +4,9 @@ Serves the app with uvicorn on 127.0.0.1 and loads both pages in Debian's
 `chromium` (apt-get install chromium). As root with `unshare`, both run in a
 network namespace of their own that holds only the loopback interface, so a
 page that needed a CDN would stay blank; otherwise Chromium is told that no
-other host exists. Passes when Swagger UI lists every operation and shows the
-Authorize button, and ReDoc renders every operation's summary.
+other host exists. Passes when Swagger UI lists every operation, shows the
+Authorize button and, for GET /extraction-jobs/{job_id} opened, the job
+example and the ETag header; and ReDoc renders every operation's summary.
 """
 
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 IN_NAMESPACE = "DOCS_CHECK_NETNS"
+GET_JOB = "extraction%20jobs/get_job_extraction_jobs__job_id__get"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -121,6 +123,8 @@ def main() -> int:
                     time.sleep(0.1)
             swagger = dom(chromium, f"{base}/docs")
             redoc = dom(chromium, f"{base}/redoc")
+            # Swagger UI's deep link opens one operation: its example and headers.
+            get_job = dom(chromium, f"{base}/docs#/{GET_JOB}")
         finally:
             server.terminate()
             server.wait(timeout=10)
@@ -141,11 +145,21 @@ def main() -> int:
         f"docs-check: /redoc shows {len(expected) - len(redoc_missing)} of "
         f"{len(expected)} operation summaries"
     )
+    example = "invoice-2026-0042.pdf" in get_job and "additionalProp" not in get_job
+    etag = ">ETag<" in get_job
+    print(
+        f"docs-check: GET /extraction-jobs/{{job_id}} opened: job example "
+        f"{'shown' if example else 'MISSING'}, ETag header {'shown' if etag else 'MISSING'}"
+    )
     ok = (
-        len(listed) == len(expected)
-        and not swagger_missing
-        and authorize
-        and not redoc_missing
+        example
+        and etag
+        and (
+            len(listed) == len(expected)
+            and not swagger_missing
+            and authorize
+            and not redoc_missing
+        )
     )
     if not ok:
         print(

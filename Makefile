@@ -15,7 +15,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install install-run run test test-deployed lint build plan deploy destroy clean docs-check
+.PHONY: install install-run run test test-deployed lint migrate build plan deploy destroy clean docs-check
 
 # `make run` installs what serving needs (requirements-run.txt); `make test`
 # and the other targets add the test and lint tools (requirements-dev.txt).
@@ -54,6 +54,10 @@ test-deployed: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# alembic upgrade head against DATABASE_URL (or the default SQLite file).
+migrate: install-run
+	$(BIN)/alembic upgrade head
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh

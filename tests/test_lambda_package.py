@@ -38,6 +38,8 @@ APP_MODULES = {
     "service.py",
     "lambda_handler.py",
     "settings.py",
+} | {  # Alembic's environment and revisions
+    path.relative_to(ROOT).as_posix() for path in (ROOT / "migrations").rglob("*.py")
 }
 NEVER_PACKAGED = ("pytest", "_pytest", "uvicorn", "ruff", "boto3", "botocore", "moto")
 # Heavy modules a request on SQLite with auth disabled must not import.

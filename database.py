@@ -71,7 +71,7 @@ def normalize_url(url: str) -> str:
 
 def _postgres_engine(url: str) -> Engine:
     config = settings.settings_from_env()
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         # Small by default: on Lambda every execution environment has its own pool.
@@ -84,6 +84,35 @@ def _postgres_engine(url: str) -> Engine:
             "application_name": "extraction-jobs",
         },
     )
+    if config.db_iam_auth:
+        use_iam_auth(engine, config.aws_region)
+    return engine
+
+
+def use_iam_auth(engine: Engine, region: str | None = None) -> None:
+    """IAM database authentication (`DB_IAM_AUTH=1`, on AWS): every new
+    connection signs a fresh 15-minute token for its host, port and user with
+    the function's own credentials, and passes it as the password, so the
+    URL holds none. botocore comes with the Lambda runtime; it is imported
+    here only, so SQLite and password connections never load it."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = region or session.get_config_variable("region")
+    if not region:
+        raise InvalidDatabaseURL(["DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)"])
+    signer = session.create_client("rds", region_name=region)
+    # The token is the signature; botocore's signer logs signatures at DEBUG.
+    logging.getLogger("botocore.auth").setLevel(logging.INFO)
+
+    @event.listens_for(engine, "do_connect")
+    def _sign_token(_dialect, _record, _cargs, cparams):
+        cparams["password"] = signer.generate_db_auth_token(
+            DBHostname=cparams["host"],
+            Port=int(cparams.get("port") or 5432),
+            DBUsername=cparams["user"],
+            Region=region,
+        )
 
 
 def _sqlite_engine(url: str) -> Engine:

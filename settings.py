@@ -37,7 +37,8 @@ _FALSE = {"0", "false", "no", "off"}
 class ConfigError(ValueError):
     """The configuration cannot start the service; one line per problem."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str] | str) -> None:
+        problems = [problems] if isinstance(problems, str) else problems
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -213,6 +214,41 @@ class Settings(BaseModel):
         "/",
         "the stage name when the HTTP API is deployed on a named stage",
         example="prod",
+        shown_default="unset",
+    )
+    db_iam_auth: Flag = env(
+        "DB_IAM_AUTH",
+        False,
+        "`1` (set by Terraform): PostgreSQL with IAM database authentication; each "
+        "new connection signs a fresh token (botocore's `generate_db_auth_token`, "
+        "with `AWS_REGION` and the function's credentials) for the URL's host, port "
+        "and user and uses it as the password, so `DATABASE_URL` holds none. "
+        "Unset: the URL's password, as always",
+        example="1",
+        shown_default="unset",
+    )
+    db_master_secret_arn: str | None = env(
+        "DB_MASTER_SECRET_ARN",
+        None,
+        "migration function only (set by Terraform): the Secrets Manager secret "
+        "holding the RDS master user's name and password",
+        example="arn:aws:secretsmanager:us-east-1:123456789012:secret:rds-master",
+        shown_default="unset",
+    )
+    db_app_user: str | None = env(
+        "DB_APP_USER",
+        None,
+        "migration function only (set by Terraform): the application's database "
+        "role it creates and grants",
+        example="extraction_app",
+        shown_default="`extraction_app`",
+    )
+    aws_region: str | None = env(
+        "AWS_REGION",
+        None,
+        "set by the Lambda runtime; the region `DB_IAM_AUTH` signs tokens for "
+        "(else botocore's configured region)",
+        example="us-east-1",
         shown_default="unset",
     )
     aws_lambda_function_name: str | None = env(

@@ -36,6 +36,7 @@ APP_MODULES = (
     "service.py",
     "lambda_handler.py",
     "settings.py",
+    "migration.py",
 )
 # Alembic's environment and revisions: the migration function and SQLite's
 # self-upgrade run them from the package.

@@ -67,6 +67,7 @@ class KeysUnavailable(Exception):
 class Principal:
     sub: str | None
     scopes: frozenset[str]
+    azp: str | None = None  # the client application, for the request log
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,11 @@ class Authenticator:
         except (TypeError, ValueError, OverflowError):
             # jose's time checks call int() on the claim: null, NaN or Infinity
             raise InvalidToken("The token's time claims must be numbers.") from None
-        return Principal(sub=_subject(claims.get("sub")), scopes=_scopes(claims))
+        return Principal(
+            sub=_subject(claims.get("sub")),
+            scopes=_scopes(claims),
+            azp=_client(claims.get("azp")),
+        )
 
 
 def _describe(error: Exception) -> str:
@@ -304,6 +309,13 @@ def _subject(value: Any) -> str | None:
             f"The token's subject (sub) is longer than {MAX_SUBJECT_LENGTH} characters."
         )
     return value
+
+
+def _client(value: Any) -> str | None:
+    """The `azp` claim (Auth0's client id) when it is short printable text."""
+    if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+        return value
+    return None
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

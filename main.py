@@ -1,7 +1,5 @@
 """HTTP routes, and the one place where domain errors become status codes."""
 
-import json
-import logging
 from typing import Annotated
 
 from fastapi import (
@@ -20,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import observability
 from auth import (
     READ_SCOPE,
     WRITE_SCOPE,
@@ -49,8 +48,6 @@ from service import (
     VersionMismatch,
 )
 
-logger = logging.getLogger("extraction_jobs")
-
 MAX_BODY_BYTES = 1024 * 1024
 MAX_OFFSET = 2**63 - 1  # the largest OFFSET both databases accept
 RETRY_AFTER_SECONDS = "5"
@@ -76,10 +73,22 @@ def get_service(request: Request) -> JobService:
     return request.app.state.service
 
 
+def _logged(dependency):
+    """`dependency`, and the caller it admits noted for the request's log line."""
+
+    async def caller(principal: Annotated[Principal, Depends(dependency)]) -> Principal:
+        observability.note_caller(principal.sub, principal.azp)
+        return principal
+
+    return caller
+
+
 Service = Annotated[JobService, Depends(get_service)]
-Reader = Annotated[Principal, Security(require_scope(READ_SCOPE), scopes=[READ_SCOPE])]
+Reader = Annotated[
+    Principal, Security(_logged(require_scope(READ_SCOPE)), scopes=[READ_SCOPE])
+]
 Writer = Annotated[
-    Principal, Security(require_scope(WRITE_SCOPE), scopes=[WRITE_SCOPE])
+    Principal, Security(_logged(require_scope(WRITE_SCOPE)), scopes=[WRITE_SCOPE])
 ]
 
 router = APIRouter(prefix="/extraction-jobs", tags=["extraction jobs"])
@@ -134,8 +143,11 @@ def create_job(
         data, created_by=principal.sub, idempotency_key=idempotency_key
     )
     response.headers["Location"] = f"/extraction-jobs/{job.id}"
+    observability.touched(job.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    else:
+        observability.count("JobsCreated")
     return _etag(response, job)
 
 
@@ -146,7 +158,10 @@ def create_job(
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
 def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
-    return service.claim(request)
+    jobs = service.claim(request)
+    observability.touched(*(job.id for job in jobs))
+    observability.count("JobsClaimed", len(jobs))
+    return jobs
 
 
 @router.get(
@@ -268,18 +283,18 @@ class BodySizeLimit:
 
 
 def log_unhandled(scope: dict, error: Exception) -> None:
-    """One JSON log line per unhandled error, with the API Gateway request id."""
+    """One JSON log line per unhandled error, with the request id (no traceback)."""
     request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
-    logger.error(
-        json.dumps(
-            {
-                "message": "unhandled exception",
-                "request_id": request_context.get("requestId"),
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "error": f"{type(error).__name__}: {error}",
-            }
-        )
+    route = scope.get("route")
+    observability.logger.error(
+        "unhandled exception",
+        extra={
+            "request_id": observability.current_request_id()
+            or request_context.get("requestId"),
+            "method": scope.get("method"),
+            "route": getattr(route, "path", None) or observability.UNMATCHED_ROUTE,
+            "error": f"{type(error).__name__}: {error}",
+        },
     )
 
 
@@ -356,10 +371,29 @@ def _register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
+FINISHED_COUNTERS = {
+    JobStatus.COMPLETED: "JobsCompleted",
+    JobStatus.FAILED: "JobsFailed",
+}
+
+
+def _count_status_change(status: JobStatus) -> None:
+    if status in FINISHED_COUNTERS:
+        observability.count(FINISHED_COUNTERS[status])
+
+
+class ObservedFastAPI(FastAPI):
+    """FastAPI wrapped, outermost, in the request observer, so that even the
+    500 answered by Starlette's error middleware is logged and counted."""
+
+    def build_middleware_stack(self):
+        return observability.RequestObserver(super().build_middleware_stack())
+
+
 def create_app() -> FastAPI:
     """Build the app from the environment. Refuses to start on bad config;
     connects to nothing (engines, tables and keys are made on first use)."""
-    app = FastAPI(
+    app = ObservedFastAPI(
         title="Extraction Job API",
         version="1.0.0",
         description=(
@@ -368,7 +402,10 @@ def create_app() -> FastAPI:
         ),
     )
     app.state.authenticator = authenticator_from_env()
-    app.state.service = JobService(ExtractionJobRepository(database_url_from_env()))
+    app.state.service = JobService(
+        ExtractionJobRepository(database_url_from_env()),
+        on_status_change=_count_status_change,
+    )
     app.add_middleware(BodySizeLimit)
     _register_error_handlers(app)
     app.include_router(router)

@@ -153,3 +153,21 @@ class ExtractionJobRepository:
             # RETURNING has no order of its own.
             rows.sort(key=lambda row: (-row.priority, row.seq))
             return [to_job(row) for row in rows]
+
+    def queue_gauges(self) -> tuple[int, int, datetime | None]:
+        """Pending count, processing count, and the oldest pending job's
+        `created_at`, in one query (for the scheduled gauges and /stats)."""
+        pending = ExtractionJob.status == JobStatus.PENDING.value
+        processing = ExtractionJob.status == JobStatus.PROCESSING.value
+        query = select(
+            func.count().filter(pending),
+            func.count().filter(processing),
+            func.min(ExtractionJob.created_at).filter(pending),
+        ).where(
+            ExtractionJob.status.in_(
+                [JobStatus.PENDING.value, JobStatus.PROCESSING.value]
+            )
+        )
+        with session_scope(self.url) as session:
+            pending_count, processing_count, oldest = session.execute(query).one()
+            return pending_count, processing_count, oldest

@@ -92,9 +92,12 @@ class JobService:
         self,
         repository: ExtractionJobRepository,
         clock: Callable[[], datetime] = utc_now,
+        on_status_change: Callable[[JobStatus], None] = lambda status: None,
     ) -> None:
         self.repository = repository
         self.clock = clock
+        # A hook for metrics: called with the new status after each PATCH move.
+        self.on_status_change = on_status_change
 
     def database_ok(self) -> None:
         """Raises `DatabaseUnavailable` when the database cannot be reached."""
@@ -186,6 +189,8 @@ class JobService:
                 return job
             updated = self.repository.update(uid, job.version, **changes)
             if updated is not None:
+                if "status" in changes:
+                    self.on_status_change(updated.status)
                 return updated
             if if_match is not None:
                 latest = self.repository.get(uid)

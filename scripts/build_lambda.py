@@ -34,6 +34,7 @@ APP_MODULES = (
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "observability.py",
 )
 WHEEL_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
 OLDEST_MANYLINUX_GLIBC = 17  # manylinux2014, the baseline of Linux wheels

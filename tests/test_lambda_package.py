@@ -37,6 +37,7 @@ APP_MODULES = {
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "observability.py",
 }
 NEVER_PACKAGED = ("pytest", "_pytest", "uvicorn", "ruff", "boto3", "botocore", "moto")
 # Heavy modules a request on SQLite with auth disabled must not import.
@@ -218,9 +219,11 @@ def test_isolated_interpreter_serves_api_gateway_events(
         assert not not_needed, f"imported on SQLite with auth disabled: {not_needed}"
     else:
         assert "psycopg2" in lambda_.modules
-    logs = lambda_.close().strip().splitlines()
-    assert len(logs) == 1, logs
-    assert json.loads(logs[0])["request_id"] == "Lc3Ayl9dKCOGONS="
+    logs = [json.loads(line) for line in lambda_.close().strip().splitlines()]
+    errors = [line for line in logs if line["level"] != "INFO"]
+    assert len(errors) == 1, errors
+    assert errors[0]["request_id"] == "Lc3Ayl9dKCOGONS="
+    assert len(logs) == 1 + len(lambda_.request_seconds)  # plus one per request
     print(
         f"\n{backend}: import {lambda_.import_seconds * 1000:.0f} ms, first request "
         f"{lambda_.request_seconds[0] * 1000:.0f} ms, next ones "

@@ -112,6 +112,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Read once at import; the functions below look it up at call time.
 settings = settings_from_env()
 logger = Logger(
     service=SERVICE,
@@ -187,9 +188,8 @@ def _job_id_in_path(scope: dict) -> str | None:
 class RequestObserver:
     """Pure ASGI: one log line, an X-Request-Id header and metrics per request."""
 
-    def __init__(self, app, settings: ObservabilitySettings = settings) -> None:
+    def __init__(self, app) -> None:
         self.app = app
-        self.settings = settings
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -247,8 +247,8 @@ class RequestObserver:
             "request",
             extra={k: v for k, v in fields.items() if v is not None and v != []},
         )
-        if self.settings.metrics_enabled:
-            metrics = _emf(self.settings)
+        if settings.metrics_enabled:
+            metrics = _emf()
             metrics.add_dimension("route", template)
             metrics.add_metric("Requests", "Count", 1)
             metrics.add_metric("Errors5xx", "Count", 1 if status >= 500 else 0)
@@ -263,18 +263,18 @@ DOMAIN_COUNTERS = frozenset(
 )
 
 
-def _emf(settings: ObservabilitySettings) -> AmazonCloudWatchEMFProvider:
+def _emf() -> AmazonCloudWatchEMFProvider:
     """A fresh metric set each time: nothing shared between concurrent requests."""
     return AmazonCloudWatchEMFProvider(namespace=settings.metrics_namespace)
 
 
-def count(name: str, value: int = 1, settings: ObservabilitySettings = settings):
+def count(name: str, value: int = 1) -> None:
     """Emit a domain counter now, without dimensions (e.g. JobsCompleted)."""
     if name not in DOMAIN_COUNTERS:
         raise ValueError(f"unknown domain counter {name!r}")
     if value <= 0 or not settings.metrics_enabled:
         return
-    metrics = _emf(settings)
+    metrics = _emf()
     metrics.add_metric(name, "Count", value)
     metrics.flush_metrics()
 
@@ -286,9 +286,7 @@ class JobGauges:
     oldest_pending_age_seconds: float
 
 
-def publish_job_gauges(
-    gauges: JobGauges, settings: ObservabilitySettings = settings
-) -> None:
+def publish_job_gauges(gauges: JobGauges) -> None:
     """One log line and one EMF record with the three queue gauges."""
     logger.info(
         "job gauges",
@@ -300,7 +298,7 @@ def publish_job_gauges(
         },
     )
     if settings.metrics_enabled:
-        metrics = _emf(settings)
+        metrics = _emf()
         metrics.add_metric("PendingJobs", "Count", gauges.pending)
         metrics.add_metric("ProcessingJobs", "Count", gauges.processing)
         metrics.add_metric(

@@ -32,3 +32,13 @@ output "rds_log_group_names" {
   description = "CloudWatch log groups receiving the PostgreSQL logs."
   value       = [for group in aws_cloudwatch_log_group.rds : group.name]
 }
+
+output "alarm_topic_arn" {
+  description = "SNS topic the CloudWatch alarms notify (created, or alarm_topic_arn)."
+  value       = local.alarm_topic_arn
+}
+
+output "dashboard_name" {
+  description = "Name of the CloudWatch dashboard of the API, the function, the job queue and the database."
+  value       = aws_cloudwatch_dashboard.main.dashboard_name
+}

@@ -25,6 +25,8 @@ CLI_CONFIG_SCRIPT = REPO_ROOT / "scripts" / "tf_cli_config.sh"
 
 # Every service the configuration calls; anything missing here would go to real AWS.
 EMULATED_SERVICES = ("apigatewayv2", "ec2", "iam", "lambda", "logs", "rds", "sts")
+# monitoring.tf: alarms and dashboard, the alarm topic, the stats schedule
+EMULATED_SERVICES += ("cloudwatch", "sns", "scheduler")
 EMULATOR_REGION = "us-east-1"
 COMMAND_TIMEOUT_S = 900
 

@@ -99,3 +99,12 @@ def handler(event, context):
     if task not in SCHEDULED_TASKS:
         raise ValueError(f"unknown scheduled task {task!r}")
     return SCHEDULED_TASKS[task](event)
+
+
+def migrate(event, context):
+    """The migration function's entry point (terraform/migrations.tf): runs
+    `alembic upgrade head` and grants the application role (migration.py).
+    An error is raised, so the invocation, and `terraform apply`, fail with it."""
+    import migration
+
+    return migration.run()

@@ -16,6 +16,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
+from sqlalchemy.exc import StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import observability
@@ -298,9 +299,20 @@ def log_unhandled(scope: dict, error: Exception) -> None:
             or request_context.get("requestId"),
             "method": scope.get("method"),
             "route": getattr(route, "path", None) or observability.UNMATCHED_ROUTE,
-            "error": f"{type(error).__name__}: {error}",
+            "error": _describe_error(error),
         },
     )
+
+
+def _describe_error(error: Exception) -> str:
+    """The error for the log, without a failed statement's SQL parameters
+    (they would carry a job's metadata or error message)."""
+    if isinstance(error, StatementError):
+        cause = error.orig
+        return (
+            f"{type(error).__name__} ({type(cause).__name__ if cause else 'no cause'})"
+        )
+    return f"{type(error).__name__}: {error}"
 
 
 def _printable(text: str) -> str:

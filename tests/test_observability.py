@@ -21,6 +21,7 @@ from jose import jwk, jwt
 from jwks_server import JwksServer, RsaTestKey
 from lambda_events import LambdaContext, http_api_event, response_json
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
 import database
 import lambda_handler
@@ -145,6 +146,27 @@ def test_a_500_is_logged_counted_and_carries_the_request_id(
     records = emf_records(captured.out)
     assert metric_values(records, "Requests") == metric_values(records, "Errors5xx")
     assert metric_values(records, "Requests") == [1.0]
+
+
+def test_a_failed_statement_is_logged_without_its_parameters(
+    client: TestClient, capsys: pytest.CaptureFixture
+) -> None:
+    def fail(*_args, **_kwargs):
+        raise IntegrityError(
+            "INSERT INTO extraction_job (metadata) VALUES (%(metadata)s)",
+            {"metadata": '{"password": "SECRET-IN-PARAMETERS"}'},
+            ValueError("constraint failed"),
+        )
+
+    client.app.state.service.repository.add = fail
+    quiet = TestClient(client.app, raise_server_exceptions=False)
+    response = quiet.post("/extraction-jobs", json={"document_id": "x.pdf"})
+
+    assert response.status_code == 500
+    err = capsys.readouterr().err
+    assert "SECRET-IN-PARAMETERS" not in err and "INSERT" not in err
+    (error,) = [line for line in log_lines(err) if line["level"] == "ERROR"]
+    assert error["error"] == "IntegrityError (ValueError)"
 
 
 def test_in_lambda_the_api_gateway_request_id_wins_and_both_ids_are_logged(

@@ -13,13 +13,13 @@ Besides API Gateway events, `handler` takes scheduled tasks: an event
 """
 
 import json
-import os
 from datetime import UTC, datetime
 
 from mangum import Mangum
 
 import observability
 from main import app, log_unhandled
+from settings import settings_from_env
 
 _JSON_500 = json.dumps({"detail": "Internal Server Error"}).encode()
 
@@ -68,8 +68,7 @@ def build_handler(asgi_app) -> Mangum:
     return Mangum(
         answer_unhandled_errors(asgi_app),
         lifespan="off",
-        api_gateway_base_path=os.environ.get("API_GATEWAY_BASE_PATH", "").strip()
-        or "/",
+        api_gateway_base_path=settings_from_env().api_gateway_base_path,
     )
 
 

@@ -30,12 +30,14 @@ from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
     AmazonCloudWatchEMFProvider,
 )
 
+from settings import ConfigError, exit_on_config_error
+
 SERVICE = "extraction_jobs"
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 UNMATCHED_ROUTE = "unmatched"
 
-# --- Configuration (to be folded into the settings module) -------------------
+# --- Configuration (to be folded into settings.py) ---------------------------
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -45,7 +47,7 @@ _NAMESPACE_CHARACTERS = frozenset(
 )
 
 
-class ObservabilityConfigError(ValueError):
+class ObservabilityConfigError(ConfigError):
     """A logging or metrics variable holds a value the service cannot use."""
 
 
@@ -112,8 +114,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-# Read once at import; the functions below look it up at call time.
-settings = settings_from_env()
+def _settings_or_exit() -> ObservabilitySettings:
+    """Read once at import (the logger needs its level); a bad value stops the
+    start like settings.py does: one line naming the variable, no traceback."""
+    try:
+        return settings_from_env()
+    except ConfigError as error:
+        exit_on_config_error(error)
+        raise  # not reached: exit_on_config_error exits
+
+
+# The functions below look it up at call time (tests replace it).
+settings = _settings_or_exit()
 logger = Logger(
     service=SERVICE,
     level=settings.log_level,

@@ -72,6 +72,7 @@ def _postgres_engine(url: str) -> Engine:
     statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
     return create_engine(
         url,
+        hide_parameters=True,  # errors and echo never show job data
         pool_pre_ping=True,
         # Small by default: on Lambda every execution environment has its own pool.
         pool_size=_env_int("DB_POOL_SIZE", 2),
@@ -89,6 +90,7 @@ def _sqlite_engine(url: str) -> Engine:
     in_memory = make_url(url).database in (None, "", ":memory:")
     engine = create_engine(
         url,
+        hide_parameters=True,
         # One shared connection keeps an in-memory database alive across requests.
         poolclass=StaticPool if in_memory else None,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},

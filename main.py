@@ -3,6 +3,8 @@
 import json
 import logging
 import re
+import traceback
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import (
@@ -328,10 +330,21 @@ def log_unhandled(scope: dict, error: Exception) -> None:
                 "request_id": request_context.get("requestId"),
                 "method": scope.get("method"),
                 "path": scope.get("path"),
-                "error": f"{type(error).__name__}: {error}",
+                # The type and where it was raised, never the message: a
+                # database error's message can carry the row it refused.
+                "error": type(error).__name__,
+                "at": _raised_at(error),
             }
         )
     )
+
+
+def _raised_at(error: Exception) -> str | None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
 def _printable(text: str) -> str:

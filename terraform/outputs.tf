@@ -32,3 +32,16 @@ output "rds_log_group_names" {
   description = "CloudWatch log groups receiving the PostgreSQL logs."
   value       = [for group in aws_cloudwatch_log_group.rds : group.name]
 }
+
+output "auth_disabled_warning" {
+  description = "Set only when auth_disabled = true, which is a test-only setting."
+  value       = var.auth_disabled ? "WARNING: auth_disabled = true is a TEST-ONLY setting: the API Gateway has no JWT authorizer and the function accepts requests without a token, so anyone who knows api_url can read and change jobs. Never use it for real data." : null
+}
+
+# Also a warning in every plan and apply output while authentication is off.
+check "auth_enabled" {
+  assert {
+    condition     = !var.auth_disabled
+    error_message = "auth_disabled = true is a test-only setting: no JWT authorizer at the gateway and no token check in the function."
+  }
+}

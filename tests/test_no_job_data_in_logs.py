@@ -211,18 +211,27 @@ def alter_database(dsn: str, settings: dict[str, str | None]) -> None:
     database.reset_engines()
 
 
+POSTGRES_DEFAULTS = {
+    "log_min_error_statement": "error",
+    "log_error_verbosity": "default",
+}
+
+
 @pytest.fixture
-def rds_logging():
-    """The test database logs as RDS will; reset afterwards."""
-    dsn = os.environ.get("TEST_DATABASE_URL", "")
-    parameters = rds_logging_parameters()
-    assert parameters == {
+def logging_as(request):
+    """The test database logs with the given settings; reset afterwards."""
+    postgres_url()  # skips (fails under CI) without TEST_DATABASE_URL
+    dsn = os.environ["TEST_DATABASE_URL"]
+    alter_database(dsn, request.param)
+    yield dsn
+    alter_database(dsn, dict.fromkeys(request.param))
+
+
+def test_the_parameter_group_sets_what_the_server_log_test_uses():
+    assert rds_logging_parameters() == {
         "log_min_error_statement": "panic",
         "log_error_verbosity": "terse",
     }
-    alter_database(dsn, parameters)
-    yield dsn
-    alter_database(dsn, dict.fromkeys(parameters))
 
 
 # --- the error paths ---------------------------------------------------------------
@@ -472,12 +481,13 @@ def test_no_job_data_or_token_in_the_app_logs(
     assert leaks == []
 
 
+@pytest.mark.parametrize("logging_as", [rds_logging_parameters()], indirect=True)
 def test_no_job_data_in_the_postgresql_server_log(
-    rds_logging, key, jwks, monkeypatch, caplog, capfd
+    logging_as, key, jwks, monkeypatch, caplog, capfd
 ):
     url = postgres_url()
     empty_postgres(url)
-    server_log = ServerLog(rds_logging)
+    server_log = ServerLog(logging_as)
     markers, _ = run_and_scan(url, key, jwks, monkeypatch, caplog, capfd)
     logged = server_log.read()
     assert "duplicate key value violates unique constraint" in logged
@@ -487,12 +497,15 @@ def test_no_job_data_in_the_postgresql_server_log(
     assert leaks == []
 
 
-def test_the_server_log_check_can_fail_with_default_settings(key, jwks, monkeypatch):
+@pytest.mark.parametrize("logging_as", [POSTGRES_DEFAULTS], indirect=True)
+def test_the_server_log_check_can_fail_with_default_settings(
+    logging_as, key, jwks, monkeypatch
+):
     """Control: with PostgreSQL's defaults a lost idempotency race writes the
     job's metadata into the server log, so the scan above would see it."""
     url = postgres_url()
     empty_postgres(url)
-    server_log = ServerLog(os.environ["TEST_DATABASE_URL"])
+    server_log = ServerLog(logging_as)
     monkeypatch.setenv("DATABASE_URL", url)
     markers = Markers(key)
     api = Lambda(create_app(), markers.token())

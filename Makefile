@@ -11,7 +11,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install run test test-deployed lint build plan deploy destroy clean
+.PHONY: install run test test-deployed lint migrate build plan deploy destroy clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ test-deployed: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# alembic upgrade head against DATABASE_URL (or the default SQLite file).
+migrate: install
+	$(BIN)/alembic upgrade head
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh

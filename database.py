@@ -1,33 +1,56 @@
 """Engines and sessions, cached per database URL for the life of the process.
 
 Nothing here connects at import: an engine is built on first use, and the
-tables are created on the first session against each URL. On Lambda that
+schema is settled on the first session against each URL. On Lambda that
 means once per execution environment, whatever Mangum does with lifespan.
+
+The schema belongs to Alembic (migrations/). A SQLite file, the local
+default, is upgraded on first use. PostgreSQL is never changed by the app:
+its revision is checked, and a database behind this code's head answers
+`SchemaOutOfDate` (503) until `make migrate` or the migration function runs.
 """
 
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
-from db_models import Base
+from db_models import SCHEMA_REVISIONS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SQLITE_PATH = "extraction_jobs.db"
 SQLITE_BUSY_TIMEOUT_S = 15
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
+# While the schema is out of date, look again at most this often.
+SCHEMA_RECHECK_S = 5.0
 
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached, or did not answer in time."""
+
+
+class SchemaOutOfDate(DatabaseUnavailable):
+    """The database's schema is behind the revision this code needs."""
+
+    def __init__(self, found: str | None, needed: str) -> None:
+        super().__init__(
+            f"database schema is at revision {found or '<none>'}, this code needs "
+            f"{needed}; run `make migrate` (in AWS: the migration function)"
+        )
+        self.found = found
+        self.needed = needed
 
 
 class InvalidDatabaseURL(ValueError):
@@ -70,7 +93,7 @@ def _env_int(name: str, default: int) -> int:
 
 def _postgres_engine(url: str) -> Engine:
     statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
-    return create_engine(
+    engine = create_engine(
         url,
         hide_parameters=True,  # errors and echo never show job data
         pool_pre_ping=True,
@@ -84,6 +107,37 @@ def _postgres_engine(url: str) -> Engine:
             "application_name": "extraction-jobs",
         },
     )
+    if os.environ.get("DB_IAM_AUTH", "").strip() == "1":
+        use_iam_auth(engine)
+    return engine
+
+
+def use_iam_auth(engine: Engine) -> None:
+    """IAM database authentication (`DB_IAM_AUTH=1`, on AWS): every new
+    connection signs a fresh 15-minute token for its host, port and user with
+    the function's own credentials, and passes it as the password, so the
+    URL holds none. botocore comes with the Lambda runtime; it is imported
+    here only, so SQLite and password connections never load it."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = os.environ.get("AWS_REGION", "").strip() or session.get_config_variable(
+        "region"
+    )
+    if not region:
+        raise InvalidDatabaseURL("DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)")
+    signer = session.create_client("rds", region_name=region)
+    # The token is the signature; botocore's signer logs signatures at DEBUG.
+    logging.getLogger("botocore.auth").setLevel(logging.INFO)
+
+    @event.listens_for(engine, "do_connect")
+    def _sign_token(_dialect, _record, _cargs, cparams):
+        cparams["password"] = signer.generate_db_auth_token(
+            DBHostname=cparams["host"],
+            Port=int(cparams.get("port") or 5432),
+            DBUsername=cparams["user"],
+            Region=region,
+        )
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -116,8 +170,51 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def migration_engine(url: str) -> Engine:
+    """An engine for `alembic upgrade`: no pool, no statement timeout, and on
+    SQLite the write lock taken up front."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url).execution_options(sqlite_immediate=True)
+    return create_engine(
+        url,
+        hide_parameters=True,
+        poolclass=NullPool,
+        connect_args={
+            "connect_timeout": _env_int("DB_CONNECT_TIMEOUT", 5),
+            "application_name": "extraction-jobs-migrate",
+        },
+    )
+
+
+def _alembic_config(**attributes: object):
+    from alembic.config import Config  # only when migrating, never per request
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes.update(attributes)
+    return config
+
+
+def upgrade_schema(url: str) -> None:
+    """`alembic upgrade head` on `url`: for scripts, tests and the migration function."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(url=url), "head")
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision; None when it has never been migrated."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(
+            text("SELECT version_num FROM alembic_version")
+        ).scalar()
+
+
 class _Database:
-    """An engine, its session factory, and whether its tables exist yet."""
+    """An engine, its session factory, and whether its schema is settled."""
 
     def __init__(self, url: str) -> None:
         is_sqlite = url.startswith("sqlite")
@@ -129,16 +226,53 @@ class _Database:
             else self.engine,
             expire_on_commit=False,
         )
-        self.tables_ready = False
+        self.is_sqlite = is_sqlite
+        self.schema_ready = False
+        self.out_of_date: SchemaOutOfDate | None = None
+        self.checked_at = 0.0
         self.lock = threading.Lock()
 
-    def ensure_tables(self) -> None:
-        if self.tables_ready:
+    def ensure_schema(self) -> None:
+        if self.schema_ready:
             return
         with self.lock:
-            if not self.tables_ready:
-                Base.metadata.create_all(self.engine)
-                self.tables_ready = True
+            if self.schema_ready:
+                return
+            if self.is_sqlite:
+                self._upgrade_sqlite()
+            else:
+                self._check_revision()
+            self.schema_ready = True
+
+    def _upgrade_sqlite(self) -> None:
+        """Local development: bring the file (or in-memory database) to head,
+        on the app's own connection so an in-memory database is the same one."""
+        from alembic import command
+
+        immediate = self.engine.execution_options(sqlite_immediate=True)
+        with immediate.connect() as connection:
+            command.upgrade(_alembic_config(connection=connection), "head")
+
+    def _check_revision(self) -> None:
+        recent = time.monotonic() - self.checked_at < SCHEMA_RECHECK_S
+        if self.out_of_date is not None and recent:
+            raise self.out_of_date
+        self.checked_at = time.monotonic()
+        found = schema_revision(self.engine)
+        if found == SCHEMA_HEAD:
+            self.out_of_date = None
+            return
+        if found is None or found in SCHEMA_REVISIONS:
+            self.out_of_date = SchemaOutOfDate(found, SCHEMA_HEAD)
+            logger.error("%s", self.out_of_date)
+            raise self.out_of_date
+        # Not a revision this code knows: a newer release migrated it, and
+        # migrations only add, so this code can still serve.
+        logger.warning(
+            "database schema is at revision %s, newer than this code's %s",
+            found,
+            SCHEMA_HEAD,
+        )
 
 
 _databases: dict[str, _Database] = {}
@@ -174,7 +308,7 @@ def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
     """
     database = _database(url)
     try:
-        database.ensure_tables()
+        database.ensure_schema()
         factory = database.writer_sessions if write else database.sessions
         with factory() as session, session.begin():
             yield session
@@ -192,8 +326,9 @@ def ping(url: str) -> None:
         session.execute(text("SELECT 1"))
 
 
-def create_tables(url: str) -> None:
-    _database(url).ensure_tables()
+def ensure_schema(url: str) -> None:
+    """Settle the schema now rather than on the first request."""
+    _database(url).ensure_schema()
 
 
 def reset_engines() -> None:

@@ -61,6 +61,10 @@ JSONDocument = JSON(none_as_null=True).with_variant(
 # SQLite only autoincrements an INTEGER PRIMARY KEY.
 Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
+# The Alembic revisions in migrations/versions, oldest first; the last one is
+# the schema this code needs (a test keeps the two in step).
+SCHEMA_REVISIONS = ("0001_initial",)
+
 STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
 PENDING = text(f"status = '{JobStatus.PENDING.value}'")
 

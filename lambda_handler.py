@@ -72,3 +72,12 @@ def build_handler(asgi_app) -> Mangum:
 
 
 handler = build_handler(app)
+
+
+def migrate(event, context):
+    """The migration function's entry point (terraform/migrations.tf): runs
+    `alembic upgrade head` and grants the application role (migration.py).
+    An error is raised, so the invocation, and `terraform apply`, fail with it."""
+    import migration
+
+    return migration.run()

@@ -30,7 +30,7 @@ from auth import (
     authenticator_from_env,
     require_scope,
 )
-from database import DatabaseUnavailable, database_url_from_env
+from database import DatabaseUnavailable, SchemaOutOfDate, database_url_from_env
 from models import (
     MAX_DOCUMENT_ID_LENGTH,
     ClaimRequest,
@@ -262,12 +262,17 @@ def update_job(
 
 
 def health(request: Request) -> JSONResponse:
-    """Public: a real round trip to the database."""
+    """Public: a real round trip to the database, at the schema this code needs."""
     try:
         get_service(request).database_ok()
-    except DatabaseUnavailable:
+    except DatabaseUnavailable as error:
+        state = (
+            "schema_out_of_date"
+            if isinstance(error, SchemaOutOfDate)
+            else "unavailable"
+        )
         return JSONResponse(
-            Health(status="unavailable", database="unavailable").model_dump(),
+            Health(status="unavailable", database=state).model_dump(),
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
@@ -384,6 +389,11 @@ def _register_error_handlers(app: FastAPI) -> None:
         IdempotencyKeyReused: lambda _, e: detail(422, e),
         DatabaseUnavailable: lambda _, e: JSONResponse(
             {"detail": "The database is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        ),
+        SchemaOutOfDate: lambda _, e: JSONResponse(
+            {"detail": "The database schema is being upgraded; retry later"},
             status_code=503,
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         ),

@@ -34,7 +34,11 @@ APP_MODULES = (
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "migration.py",
 )
+# Alembic's environment and revisions: the migration function and SQLite's
+# self-upgrade run them from the package.
+APP_TREES = ("migrations",)
 WHEEL_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
 OLDEST_MANYLINUX_GLIBC = 17  # manylinux2014, the baseline of Linux wheels
 MAX_ZIPPED = 50 * 2**20  # Lambda's limit for a direct upload
@@ -148,6 +152,11 @@ def copy_app_modules(root: Path) -> None:
         fail(f"app modules missing from {REPO}: {', '.join(missing)}")
     for name in APP_MODULES:
         shutil.copyfile(REPO / name, root / name)
+    for tree in APP_TREES:
+        for source in sorted((REPO / tree).rglob("*.py")):
+            target = root / source.relative_to(REPO)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
 
 
 def compile_bytecode(root: Path) -> None:

@@ -33,6 +33,16 @@ output "rds_log_group_names" {
   value       = [for group in aws_cloudwatch_log_group.rds : group.name]
 }
 
+output "migration_function_name" {
+  description = "Name of the migration function (alembic upgrade head and the application role); invoke it to migrate by hand."
+  value       = aws_lambda_function.migration.function_name
+}
+
+output "db_master_user_secret_arn" {
+  description = "ARN (not the value) of the Secrets Manager secret in which RDS keeps the master password; only the migration function's role may read it."
+  value       = aws_db_instance.main.master_user_secret[0].secret_arn
+}
+
 output "auth_disabled_warning" {
   description = "Set only when auth_disabled = true, which is a test-only setting."
   value       = var.auth_disabled ? "WARNING: auth_disabled = true is a TEST-ONLY setting: the API Gateway has no JWT authorizer and the function accepts requests without a token, so anyone who knows api_url can read and change jobs. Never use it for real data." : null

@@ -28,7 +28,7 @@ for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
 warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 
 from fastapi.testclient import TestClient
-from sqlalchemy import delete
+from sqlalchemy import delete, text
 
 import database
 from db_models import Base, ExtractionJob
@@ -64,12 +64,15 @@ _schema_refreshed: set[str] = set()
 
 def empty_postgres(url: str) -> None:
     """Start each test from an empty table; rebuild the schema once per run
-    so a changed table definition never meets an old table."""
+    through the migrations, so a changed table definition never meets an old
+    table and the tests run on exactly what `make migrate` makes."""
     engine = database.get_engine(url)
     if url not in _schema_refreshed:
         Base.metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        database.upgrade_schema(url)
         _schema_refreshed.add(url)
-    database.create_tables(url)
     with engine.begin() as connection:
         connection.execute(delete(ExtractionJob))
 

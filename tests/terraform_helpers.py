@@ -24,7 +24,16 @@ MODULE_DIR = REPO_ROOT / "terraform"
 CLI_CONFIG_SCRIPT = REPO_ROOT / "scripts" / "tf_cli_config.sh"
 
 # Every service the configuration calls; anything missing here would go to real AWS.
-EMULATED_SERVICES = ("apigatewayv2", "ec2", "iam", "lambda", "logs", "rds", "sts")
+EMULATED_SERVICES = (
+    "apigatewayv2",
+    "ec2",
+    "iam",
+    "lambda",
+    "logs",
+    "rds",
+    "secretsmanager",
+    "sts",
+)
 EMULATOR_REGION = "us-east-1"
 COMMAND_TIMEOUT_S = 900
 
@@ -51,6 +60,7 @@ def copy_module(dest: Path) -> Path:
         "*.tfvars.json",
         "*override.tf",
         "*override.tf.json",
+        "backend.tf",  # a user's remote state settings (backend.tf.example)
     )
     shutil.copytree(MODULE_DIR, dest, ignore=ignored)
     return dest

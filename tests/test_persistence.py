@@ -13,6 +13,7 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -162,13 +163,15 @@ def test_table_creation_is_safe_from_many_threads_at_once(tmp_path, monkeypatch)
         assert set(pool.map(first_request, range(8))) == {201}
 
 
-def test_init_db_script_creates_the_table(database_url):
+def test_make_migrate_command_creates_the_table(database_url):
+    """`make migrate` is `alembic upgrade head` on DATABASE_URL."""
     if database_url.startswith("postgresql"):
         with database.get_engine(database_url).begin() as connection:
             connection.execute(text("DROP TABLE extraction_job"))
+            connection.execute(text("DROP TABLE alembic_version"))
         database.reset_engines()
     result = subprocess.run(
-        [sys.executable, "scripts/init_db.py"],
+        [str(Path(sys.executable).with_name("alembic")), "upgrade", "head"],
         check=False,
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": database_url},
@@ -267,7 +270,7 @@ def _sql(statement, engine):
 @pytest.mark.parametrize(("document_id", "status"), LIST_SHAPES)
 def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status):
     url = f"sqlite:///{tmp_path / 'plan.db'}"
-    database.create_tables(url)
+    database.ensure_schema(url)
     engine = database.get_engine(url)
     sql = _sql(list_query(document_id, status, 10, 0), engine)
     with engine.connect() as connection:
@@ -299,7 +302,7 @@ def _postgres_plan(url, statement):
 @pytest.mark.parametrize(("document_id", "status"), LIST_SHAPES)
 def test_postgres_list_queries_use_an_index(document_id, status):
     url = postgres_url()
-    database.create_tables(url)
+    database.upgrade_schema(url)
     plan = _postgres_plan(url, list_query(document_id, status, 10, 0))
     assert "Seq Scan" not in plan, plan
     assert "Index" in plan, plan
@@ -307,7 +310,7 @@ def test_postgres_list_queries_use_an_index(document_id, status):
 
 def test_postgres_claim_uses_the_partial_pending_index():
     url = postgres_url()
-    database.create_tables(url)
+    database.upgrade_schema(url)
     plan = _postgres_plan(url, claim_statement("w", 5, datetime.now(UTC)))
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "LockRows" in plan, plan

@@ -255,7 +255,8 @@ def update_job(
         ),
     ] = None,
 ) -> Job:
-    # All If-Match field lines, not only the first that `if_match` holds.
+    # `if_match` declares the header for the OpenAPI document; the parse reads
+    # every If-Match field line, not only the first one that `if_match` holds.
     versions = _parse_if_match(request.headers.getlist("If-Match"))
     job = service.update(job_id, data, if_match=versions)
     return _etag(response, job)

@@ -184,8 +184,29 @@ class ClaimRequest(BaseModel):
     )
 
 
+# A failed job: every field has a value (FastAPI drops nulls from examples).
+JOB_EXAMPLE = {
+    "id": "0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11",
+    "document_id": "invoice-2026-0042.pdf",
+    "status": "failed",
+    "priority": 5,
+    "metadata": {"source": "s3://inbox/invoice-2026-0042.pdf", "pages": 3},
+    "error_message": "OCR engine timed out",
+    "created_at": "2026-11-27T04:11:59.123456+00:00",
+    "updated_at": "2026-11-27T04:12:41.020000+00:00",
+    "created_by": "auth0|5f7c8ec7c33c6c004bbafe82",
+    "attempts": 1,
+    "worker_id": "ocr-worker-7",
+    "started_at": "2026-11-27T04:12:03.500000+00:00",
+    "finished_at": "2026-11-27T04:12:41.020000+00:00",
+    "version": 3,
+}
+
+
 class Job(BaseModel):
     """A job as the API returns it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: str = Field(description="UUID4.")
     document_id: str
@@ -213,6 +234,26 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: Any = Field(
-        description="What went wrong, in words or as FastAPI's validation list."
+    detail: str = Field(
+        description="What went wrong, in words.",
+        examples=["Extraction job '0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11' not found"],
+    )
+
+
+class ValidationProblem(BaseModel):
+    """One problem with the request; the offending input is never echoed."""
+
+    type: str = Field(examples=["less_than_equal"])
+    loc: list[str | int] = Field(
+        description="Where: body, query or header, then the field path.",
+        examples=[["body", "priority"]],
+    )
+    msg: str = Field(examples=["Input should be less than or equal to 10"])
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422. For a reused Idempotency-Key (create only), `detail` is a sentence."""
+
+    detail: list[ValidationProblem] | str = Field(
+        description="One entry per problem; a sentence for a reused Idempotency-Key."
     )

@@ -30,9 +30,16 @@ resource "aws_apigatewayv2_integration" "lambda" {
 # cannot spend its reserved concurrency. The application still validates the
 # token and its permissions itself: the gateway does not read `permissions`.
 locals {
-  job_routes    = toset(["ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"])
-  public_routes = toset(["GET /health", "GET /docs", "GET /openapi.json"])
-  auth0_issuer  = "https://${var.auth0_domain}/"
+  job_routes = toset(["ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"])
+  # The docs pages load their JavaScript and CSS from the app (/docs-assets).
+  public_routes = toset([
+    "GET /health",
+    "GET /docs",
+    "GET /openapi.json",
+    "GET /redoc",
+    "GET /docs-assets/{proxy+}",
+  ])
+  auth0_issuer = "https://${var.auth0_domain}/"
 }
 
 resource "aws_apigatewayv2_authorizer" "auth0" {
@@ -60,7 +67,7 @@ resource "aws_apigatewayv2_route" "jobs" {
 }
 
 resource "aws_apigatewayv2_route" "public" {
-  #checkov:skip=CKV_AWS_309:Public by design and read-only: the health check, the API docs page and the OpenAPI document hold no job data; every job route has the JWT authorizer
+  #checkov:skip=CKV_AWS_309:Public by design and read-only: the health check, the API docs pages with their static assets and the OpenAPI document hold no job data; every job route has the JWT authorizer
   for_each = local.public_routes
 
   api_id    = aws_apigatewayv2_api.main.id

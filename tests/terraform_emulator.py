@@ -232,7 +232,7 @@ def leftovers(endpoint: str) -> dict[str, list]:
 
 def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) -> None:
     """The HTTP API as the emulator holds it: an Auth0 JWT authorizer on the
-    job routes, the three public routes without one, and no other route."""
+    job routes, the public routes without one, and no other route."""
     gateway = emulator_client(endpoint, "apigatewayv2")
     api_id = deployed["aws_apigatewayv2_api.main"]["id"]
     authorizer = gateway.get_authorizer(
@@ -259,6 +259,8 @@ def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) ->
         "GET /health": public,
         "GET /docs": public,
         "GET /openapi.json": public,
+        "GET /redoc": public,
+        "GET /docs-assets/{proxy+}": public,
     }
 
 

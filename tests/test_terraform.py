@@ -46,7 +46,13 @@ REQUIRED_VARS = {
 }
 NAME = "extraction-jobs"  # var.name's default
 JOB_ROUTES = {"ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"}
-PUBLIC_ROUTES = {"GET /health", "GET /docs", "GET /openapi.json"}
+PUBLIC_ROUTES = {
+    "GET /health",
+    "GET /docs",
+    "GET /openapi.json",
+    "GET /redoc",
+    "GET /docs-assets/{proxy+}",
+}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import re
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +26,6 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator
-from sqlalchemy.exc import StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import observability
@@ -153,19 +154,66 @@ def _etag(response: Response, job: Job) -> Job:
     return job
 
 
-def _parse_if_match(value: str | None) -> frozenset[int] | None:
-    """The versions an If-Match header accepts; None means any (absent or `*`).
+# RFC 9110 section 13.1.1: If-Match = "*" / #entity-tag, where
+#   entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE
+#   etagc      = "!" / %x23-7E / obs-text (%x80-FF)
+# Header values arrive as bytes decoded as Latin-1, so a UTF-8 character
+# such as "²" is two obs-text characters: well-formed, and never one of ours.
+_ENTITY_TAG = re.compile(r'(W/)?"([!\x23-\x7e\x80-\U0010ffff]*)"')
+_LIST_GAP = re.compile(r"[ \t,]*")  # OWS and empty list elements
+_AFTER_TAG = re.compile(r"[ \t]*(?:,|\Z)")
+# Our tags are the version in ASCII decimal, no leading zero; 19 digits
+# bound the number (and int() never sees a Unicode digit or 5,000 digits).
+_OUR_OPAQUE_TAG = re.compile(r"[1-9][0-9]{0,18}")
+IF_MATCH_EXAMPLE = '"3"'
 
-    Weak tags never match (RFC 9110 compares If-Match strongly), and a tag
-    that is not one of ours matches nothing.
+
+def _invalid_if_match(reason: str) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "if_match_invalid",
+                "loc": ("header", "If-Match"),
+                "msg": (
+                    f"{reason}: send * or the job's ETag in double quotes, "
+                    f"e.g. If-Match: {IF_MATCH_EXAMPLE} (several tags "
+                    'separated by commas: "2", "3")'
+                ),
+            }
+        ]
+    )
+
+
+def _parse_if_match(values: list[str]) -> frozenset[int] | None:
+    """The versions the If-Match field lines accept; None means any (absent or `*`).
+
+    Raises RequestValidationError (422) when the field is not `*` or a list of
+    entity tags. A well-formed tag that is not one of ours matches nothing, so
+    it ends in 412; so do weak tags (If-Match compares strongly). Several field
+    lines are one comma-separated list (RFC 9110 section 5.3).
     """
-    if value is None or value.strip() == "*":
+    if not values:
         return None
-    versions = set()
-    for tag in value.split(","):
-        tag = tag.strip()
-        if len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-            versions.add(int(tag[1:-1]))
+    text = ", ".join(values)
+    if text.strip(" \t") == "*":
+        return None
+    versions: set[int] = set()
+    tags = 0
+    position = _LIST_GAP.match(text).end()
+    while position < len(text):
+        tag = _ENTITY_TAG.match(text, position)
+        after = tag and _AFTER_TAG.match(text, tag.end())
+        if not after:
+            raise _invalid_if_match(
+                "If-Match must be * or a list of quoted entity tags"
+            )
+        tags += 1
+        weak, opaque = tag.groups()
+        if not weak and _OUR_OPAQUE_TAG.fullmatch(opaque):
+            versions.add(int(opaque))
+        position = _LIST_GAP.match(text, after.end()).end()
+    if not tags:
+        raise _invalid_if_match("If-Match is empty")
     return frozenset(versions)
 
 
@@ -279,6 +327,7 @@ def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job
 def update_job(
     job_id: str,
     data: JobUpdate,
+    request: Request,
     response: Response,
     service: Service,
     _: Writer,
@@ -290,7 +339,10 @@ def update_job(
         ),
     ] = None,
 ) -> Job:
-    job = service.update(job_id, data, if_match=_parse_if_match(if_match))
+    # `if_match` declares the header for the OpenAPI document; the parse reads
+    # every If-Match field line, not only the first one that `if_match` holds.
+    versions = _parse_if_match(request.headers.getlist("If-Match"))
+    job = service.update(job_id, data, if_match=versions)
     return _etag(response, job)
 
 
@@ -369,20 +421,20 @@ def log_unhandled(scope: dict, error: Exception) -> None:
             or request_context.get("requestId"),
             "method": scope.get("method"),
             "route": getattr(route, "path", None) or observability.UNMATCHED_ROUTE,
-            "error": _describe_error(error),
+            # The type and where it was raised, never the message: a
+            # database error's message can carry the row it refused.
+            "error": type(error).__name__,
+            "at": _raised_at(error),
         },
     )
 
 
-def _describe_error(error: Exception) -> str:
-    """The error for the log, without a failed statement's SQL parameters
-    (they would carry a job's metadata or error message)."""
-    if isinstance(error, StatementError):
-        cause = error.orig
-        return (
-            f"{type(error).__name__} ({type(cause).__name__ if cause else 'no cause'})"
-        )
-    return f"{type(error).__name__}: {error}"
+def _raised_at(error: Exception) -> str | None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
 def _printable(text: str) -> str:

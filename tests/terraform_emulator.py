@@ -11,6 +11,12 @@ from sqlalchemy import make_url
 from terraform_helpers import EMULATOR_REGION
 
 NAME = "extraction-jobs"  # var.name's default
+# The parameter group's parameters, as terraform/rds.tf sets them.
+DB_PARAMETERS = {
+    "rds.force_ssl": "1",
+    "log_min_error_statement": "panic",
+    "log_error_verbosity": "terse",
+}
 
 
 def emulator_client(endpoint: str, service: str):
@@ -163,10 +169,17 @@ def unexpected_changes(plan: dict) -> list[tuple[str, list[str]]]:
                 for key, value in change["after"].items()
                 if key != "parameter"
             }
-            readded = [
-                {"apply_method": "immediate", "name": "rds.force_ssl", "value": "1"}
-            ]
-            if before == after and change["after"]["parameter"] == readded:
+            readded = sorted(
+                (
+                    {"apply_method": "immediate", "name": name, "value": value}
+                    for name, value in DB_PARAMETERS.items()
+                ),
+                key=lambda parameter: parameter["name"],
+            )
+            parameters = sorted(
+                change["after"]["parameter"], key=lambda parameter: parameter["name"]
+            )
+            if before == after and parameters == readded:
                 continue
         unexpected.append((resource["address"], change["actions"]))
     unexpected += [
@@ -223,6 +236,40 @@ def leftovers(endpoint: str) -> dict[str, list]:
         ],
     }
     return {kind: names for kind, names in found.items() if names}
+
+
+def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) -> None:
+    """The HTTP API as the emulator holds it: an Auth0 JWT authorizer on the
+    job routes, the public routes without one, and no other route."""
+    gateway = emulator_client(endpoint, "apigatewayv2")
+    api_id = deployed["aws_apigatewayv2_api.main"]["id"]
+    authorizer = gateway.get_authorizer(
+        ApiId=api_id,
+        AuthorizerId=deployed["aws_apigatewayv2_authorizer.auth0[0]"]["id"],
+    )
+    assert authorizer["AuthorizerType"] == "JWT"
+    assert authorizer["IdentitySource"] == ["$request.header.Authorization"]
+    assert authorizer["JwtConfiguration"] == {
+        "Issuer": f"https://{variables['auth0_domain']}/",
+        "Audience": [variables["auth0_audience"]],
+    }
+    routes = gateway.get_routes(ApiId=api_id)["Items"]
+    integration = deployed["aws_apigatewayv2_integration.lambda"]["id"]
+    assert {route["Target"] for route in routes} == {f"integrations/{integration}"}
+    jwt = ("JWT", authorizer["AuthorizerId"])
+    public = ("NONE", None)
+    assert {
+        route["RouteKey"]: (route.get("AuthorizationType"), route.get("AuthorizerId"))
+        for route in routes
+    } == {
+        "ANY /extraction-jobs": jwt,
+        "ANY /extraction-jobs/{proxy+}": jwt,
+        "GET /health": public,
+        "GET /docs": public,
+        "GET /openapi.json": public,
+        "GET /redoc": public,
+        "GET /docs-assets/{proxy+}": public,
+    }
 
 
 MIGRATION_FUNCTION = f"{NAME}-migrate"

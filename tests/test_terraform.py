@@ -16,6 +16,7 @@ import pytest
 from terraform_emulator import (
     assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
+    assert_gateway_authorizer,
     assert_migration_function_reads_the_secret_by_arn,
     assert_monitoring_deployed,
     assert_network_isolation,
@@ -46,6 +47,14 @@ REQUIRED_VARS = {
     "auth0_audience": "https://api.example.com",
 }
 NAME = "extraction-jobs"  # var.name's default
+JOB_ROUTES = {"ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"}
+PUBLIC_ROUTES = {
+    "GET /health",
+    "GET /docs",
+    "GET /openapi.json",
+    "GET /redoc",
+    "GET /docs-assets/{proxy+}",
+}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +193,12 @@ def test_database_is_private_encrypted_backed_up_and_protected(resources: dict) 
 def test_database_requires_tls(plan: dict, resources: dict) -> None:
     group = resources["aws_db_parameter_group.main"]
     assert group["family"] == "postgres16"
-    assert {p["name"]: p["value"] for p in group["parameter"]} == {"rds.force_ssl": "1"}
+    assert {p["name"]: p["value"] for p in group["parameter"]} == {
+        "rds.force_ssl": "1",
+        # no job data in the PostgreSQL log group (statement text, DETAIL)
+        "log_min_error_statement": "panic",
+        "log_error_verbosity": "terse",
+    }
     assert "aws_db_parameter_group.main" in references(
         plan, "aws_db_instance.main", "parameter_group_name"
     )
@@ -353,10 +367,9 @@ def test_api_sends_every_route_to_the_function_with_payload_2(resources: dict) -
         "2.0",
     )
     routes = of_type(resources, "aws_apigatewayv2_route")
-    assert {route["route_key"] for route in routes.values()} == {
-        "ANY /{proxy+}",
-        "ANY /",
-    }
+    assert {
+        route["route_key"] for route in routes.values()
+    } == JOB_ROUTES | PUBLIC_ROUTES
 
 
 def test_api_stage_throttles_and_writes_json_access_logs(
@@ -408,9 +421,11 @@ def test_outputs(plan: dict) -> None:
         "rds_log_group_names",
         "alarm_topic_arn",
         "dashboard_name",
+        "auth_disabled_warning",
         "migration_function_name",
         "db_master_user_secret_arn",
     }
+    assert plan["output_changes"]["auth_disabled_warning"]["after"] is None
 
 
 def test_bad_variable_values_are_refused(planner: Terraform) -> None:
@@ -451,6 +466,51 @@ def test_arm64_on_python311_is_refused(planner: Terraform) -> None:
     assert "arm64 needs lambda_runtime python3.12 or newer" in " ".join(
         result.stderr.split()
     )
+
+
+# --- The gateway's JWT authorizer -------------------------------------------
+
+
+def route_authorization(resources: dict) -> dict[str, str | None]:
+    routes = of_type(resources, "aws_apigatewayv2_route")
+    return {r["route_key"]: r["authorization_type"] for r in routes.values()}
+
+
+def test_job_routes_need_a_jwt_at_the_gateway_and_public_routes_do_not(
+    plan: dict, resources: dict
+) -> None:
+    (authorizer,) = of_type(resources, "aws_apigatewayv2_authorizer").values()
+    assert authorizer["authorizer_type"] == "JWT"
+    assert authorizer["identity_sources"] == ["$request.header.Authorization"]
+    assert authorizer["jwt_configuration"] == [
+        {
+            "issuer": f"https://{REQUIRED_VARS['auth0_domain']}/",
+            "audience": [REQUIRED_VARS["auth0_audience"]],
+        }
+    ]
+    assert route_authorization(resources) == {
+        **dict.fromkeys(JOB_ROUTES, "JWT"),
+        **dict.fromkeys(PUBLIC_ROUTES, "NONE"),
+    }
+    assert "aws_apigatewayv2_authorizer.auth0" in references(
+        plan, "aws_apigatewayv2_route.jobs", "authorizer_id"
+    )
+    assert references(plan, "aws_apigatewayv2_route.public", "authorizer_id") == []
+    # The route keys above are all there is: no catch-all ("ANY /{proxy+}",
+    # "$default"), so an unknown path is the gateway's 404, not an invocation.
+
+
+def test_auth_disabled_drops_the_authorizer_and_warns(planner: Terraform) -> None:
+    result = planner.run(
+        "plan", "-var", "auth_disabled=true", "-out=auth-disabled.tfplan"
+    )
+    plan = planner.show_json("auth-disabled.tfplan")
+    resources = planned_resources(plan)
+    assert of_type(resources, "aws_apigatewayv2_authorizer") == {}
+    assert set(route_authorization(resources).values()) == {"NONE"}
+    warning = plan["output_changes"]["auth_disabled_warning"]["after"]
+    assert "auth_disabled = true is a TEST-ONLY setting" in warning
+    assert "test-only setting" in " ".join(result.stdout.split())
 
 
 # --- Migrations and database credentials ----------------------------------------
@@ -619,6 +679,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
             moto_endpoint, deployed, variables
         )
         assert_network_isolation(moto_endpoint, deployed)
+        assert_gateway_authorizer(moto_endpoint, deployed, variables)
         raw_state = (terraform.workdir / "terraform.tfstate").read_text()
         assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)
         assert_migration_function_reads_the_secret_by_arn(moto_endpoint)

@@ -368,3 +368,20 @@ class ExtractionJobRepository:
             return [job_from_row(row) for row in rows]
 
         return run(self.url, claimed, write=True)
+
+    def queue_gauges(self) -> tuple[int, int, datetime | None]:
+        """Pending count, processing count, and the oldest pending job's
+        `created_at`, in one query (for the scheduled gauges and /stats)."""
+        pending = JOBS.c.status == JobStatus.PENDING.value
+        processing = JOBS.c.status == JobStatus.PROCESSING.value
+        query = select(
+            func.count().filter(pending),
+            func.count().filter(processing),
+            func.min(JOBS.c.created_at).filter(pending),
+        ).where(
+            JOBS.c.status.in_([JobStatus.PENDING.value, JobStatus.PROCESSING.value])
+        )
+        pending_count, processing_count, oldest = run(
+            self.url, lambda connection: connection.execute(query).one()
+        )
+        return pending_count, processing_count, oldest

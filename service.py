@@ -86,6 +86,19 @@ def _parse_id(job_id: str) -> uuid.UUID:
         raise JobNotFound(job_id) from None
 
 
+def _moved(job: Job, target: JobStatus) -> bool:
+    """Whether a transition that succeeded changed the status, told from the
+    row it returned: a move to completed or failed stamps `finished_at`, a
+    move to processing `started_at`, with the same instant as `updated_at`; a
+    change of the error message alone leaves them older. On a pending job the
+    two look alike, and count as a move."""
+    if target in FINISHED:
+        return job.finished_at == job.updated_at
+    if target == JobStatus.PROCESSING:
+        return job.started_at == job.updated_at
+    return True
+
+
 def _same_request(job: Job, data: JobCreate) -> bool:
     return (job.document_id, job.priority, job.metadata) == (
         data.document_id,
@@ -99,9 +112,12 @@ class JobService:
         self,
         repository: ExtractionJobRepository,
         clock: Callable[[], datetime] = utc_now,
+        on_status_change: Callable[[JobStatus], None] = lambda status: None,
     ) -> None:
         self.repository = repository
         self.clock = clock
+        # A hook for metrics: called with the new status after each PATCH move.
+        self.on_status_change = on_status_change
 
     def database_ok(self) -> None:
         """Raises `DatabaseUnavailable` when the database cannot be reached."""
@@ -137,15 +153,19 @@ class JobService:
             finished_at=None,
             version=1,
         )
-        try:
-            return self.repository.add(job, idempotency_key), False
-        except IdempotencyKeyTaken:
-            earlier = self.repository.get_by_idempotency_key(
-                created_by, idempotency_key
-            )
-            if earlier is None:
-                raise
-            return self._replay(earlier, data), True
+        for last_try in (False, True):
+            try:
+                return self.repository.add(job, idempotency_key), False
+            except IdempotencyKeyTaken:
+                earlier = self.repository.get_by_idempotency_key(
+                    created_by, idempotency_key
+                )
+                if earlier is not None:
+                    return self._replay(earlier, data), True
+                if last_try:
+                    raise
+                # The key's holder could not be read: insert and look once more.
+        raise UpdateContention()  # not reached: the last try returns or raises
 
     @staticmethod
     def _replay(earlier: Job, data: JobCreate) -> Job:
@@ -196,6 +216,8 @@ class JobService:
                 now=self.clock(),
             )
             if updated is not None:
+                if _moved(updated, target):
+                    self.on_status_change(updated.status)
                 return updated
             job = self.repository.get(uid)
             if job is None:

@@ -582,4 +582,12 @@ def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]
             and changed == {"function_version"}  # onto the version above
         ):
             gaps.append(resource["address"])
+        elif (
+            resource["type"] == "aws_iam_role_policy"
+            and changed == {"policy"}
+            and change["after_unknown"].get("policy") is True
+        ):
+            # A policy document naming the function is read again after
+            # that (gap) update, so its text is unknown until apply.
+            gaps.append(resource["address"])
     return [change for change in unexpected_changes(plan) if change[0] not in gaps]

@@ -16,12 +16,13 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 import settings as config
 from models import MAX_SUBJECT_LENGTH, check_text
@@ -56,6 +57,10 @@ class InvalidToken(Exception):
 
 class JwksFetchError(Exception):
     """The JWKS could not be fetched or held no usable key."""
+
+
+class _FetchNeeded(Exception):
+    """The key is not held fresh: finding it may take a network fetch."""
 
 
 class KeysUnavailable(Exception):
@@ -131,10 +136,11 @@ class JwksCache:
         self._next_kid_refetch = -math.inf
         self._lock = threading.Lock()
 
-    def key_for(self, kid: str) -> Any | None:
+    def key_for(self, kid: str, *, may_fetch: bool = True) -> Any | None:
         """The key for kid, or None if the JWKS does not list it.
 
-        Raises KeysUnavailable when no usable keys are held and fetching fails.
+        Raises KeysUnavailable when no usable keys are held and fetching fails;
+        with `may_fetch` False, _FetchNeeded unless the key is held and fresh.
         """
         held = self._keys
         locked = False
@@ -142,10 +148,12 @@ class JwksCache:
             now = self.clock()
             if now < self._fresh_until:
                 return held[kid]
-            if now < self._usable_until:
+            if now < self._usable_until and may_fetch:
                 locked = self._lock.acquire(blocking=False)
                 if not locked:
                     return held[kid]  # another thread is refreshing
+        if not may_fetch:
+            raise _FetchNeeded
         if not locked:
             self._lock.acquire()
         try:
@@ -317,10 +325,11 @@ class Authenticator:
     def require_scopes(self) -> bool:
         return self.settings.require_scopes
 
-    def authenticate(self, token: str) -> Principal:
+    def authenticate(self, token: str, *, may_fetch: bool = True) -> Principal:
         """Validate the token and return who sent it with which scopes.
 
-        Raises InvalidToken (401) or KeysUnavailable (503).
+        Raises InvalidToken (401) or KeysUnavailable (503); with `may_fetch`
+        False, _FetchNeeded where the JWKS would have to be fetched first.
         """
         from jose import jwt
         from jose.exceptions import ExpiredSignatureError, JWTError
@@ -334,7 +343,7 @@ class Authenticator:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("The token header has no key id (kid).")
-        key = self.jwks.key_for(kid)
+        key = self.jwks.key_for(kid, may_fetch=may_fetch)
         if key is None:
             raise InvalidToken("The token is signed with an unknown key (kid).")
         try:
@@ -424,16 +433,25 @@ def _challenge(**params: str) -> dict[str, str]:
     return {"WWW-Authenticate": "Bearer " + ", ".join(fields)}
 
 
-def require_scope(scope: str) -> Callable[..., Principal]:
-    """A dependency that admits a request whose token grants `scope`."""
+ANONYMOUS = Principal(sub=None, scopes=frozenset())
 
-    def dependency(
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that admits a request whose token grants `scope`.
+
+    Async, so it costs no hop to the threadpool: with auth disabled it returns
+    at once, and a token signed with a key held fresh is checked right here
+    (CPU work only). Only a token that needs the JWKS fetched first goes to
+    the threadpool, where the fetch may block.
+    """
+
+    async def dependency(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         authenticator: Authenticator | None = request.app.state.authenticator
         if authenticator is None:
-            return Principal(sub=None, scopes=frozenset())
+            return ANONYMOUS
         if credentials is None:
             raise HTTPException(
                 status_code=401,
@@ -441,7 +459,14 @@ def require_scope(scope: str) -> Callable[..., Principal]:
                 headers=_challenge(),
             )
         try:
-            principal = authenticator.authenticate(credentials.credentials)
+            try:
+                principal = authenticator.authenticate(
+                    credentials.credentials, may_fetch=False
+                )
+            except _FetchNeeded:
+                principal = await run_in_threadpool(
+                    authenticator.authenticate, credentials.credentials
+                )
         except InvalidToken as error:
             raise HTTPException(
                 status_code=401,

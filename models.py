@@ -86,7 +86,11 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _to_utc_iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
+    # Rows from PostgreSQL and our own clock are in UTC already (the common
+    # case, which skips building a converted copy); the result is the same.
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")
 
 
 Timestamp = Annotated[datetime, PlainSerializer(_to_utc_iso, return_type=str)]

@@ -436,8 +436,11 @@ def _challenge(**params: str) -> dict[str, str]:
 ANONYMOUS = Principal(sub=None, scopes=frozenset())
 
 
-def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """A dependency that admits a request whose token grants `scope`.
+def require_scope(
+    scope: str, on_admit: Callable[[str | None, str | None], None] | None = None
+) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that admits a request whose token grants `scope`, and
+    tells `on_admit` the caller it admits (sub, azp), e.g. for the request log.
 
     Async, so it costs no hop to the threadpool: with auth disabled it returns
     at once, and a token signed with a key held fresh is checked right here
@@ -485,6 +488,8 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
                 detail=f"The token lacks the '{scope}' permission.",
                 headers=_challenge(error="insufficient_scope", scope=scope),
             )
+        if on_admit is not None:
+            on_admit(principal.sub, principal.azp)
         return principal
 
     return dependency

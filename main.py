@@ -22,6 +22,7 @@ from fastapi import (
     Response,
     Security,
 )
+from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.openapi.docs import (
@@ -29,8 +30,10 @@ from fastapi.openapi.docs import (
     get_swagger_ui_html,
     get_swagger_ui_oauth2_redirect_html,
 )
+from fastapi.openapi.models import Schema as OpenAPISchema
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator
+from pydantic.json_schema import GenerateJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import observability
@@ -108,6 +111,18 @@ WWW_AUTHENTICATE = {
 ETAG = {"ETag": _header('The job\'s version in quotes, e.g. "3"; send it as If-Match.')}
 
 
+# The error bodies are documented by reference, their schemas added to the
+# document when it is first generated (`_openapi_overrides`): declared as
+# response models, FastAPI would build a validator for each of the ~30 uses
+# at import, for a document that is built later, if ever (a cold start cost).
+ERROR_MODELS = (ErrorBody, ValidationErrorBody)
+
+
+def _ref(code: int) -> dict:
+    model = ValidationErrorBody if code == 422 else ErrorBody
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
 def _errors(*codes: int) -> dict[int | str, dict]:
     """The error answers of a route, as the API really sends them."""
     descriptions = {
@@ -124,9 +139,9 @@ def _errors(*codes: int) -> dict[int | str, dict]:
     headers = {401: WWW_AUTHENTICATE, 403: WWW_AUTHENTICATE, 503: RETRY_AFTER}
     return {
         code: {
-            "model": ValidationErrorBody if code == 422 else ErrorBody,
             "description": descriptions[code],
             **({"headers": headers[code]} if code in headers else {}),
+            "content": {"application/json": {"schema": _ref(code)}},
         }
         for code in codes
     }
@@ -675,6 +690,23 @@ def _without_default_422(app: FastAPI) -> None:
                         del operation["responses"]["422"]
             for name in ("HTTPValidationError", "ValidationError"):
                 schema["components"]["schemas"].pop(name, None)
+            # As FastAPI generates a response model's schema (same generator).
+            _, definitions = GenerateJsonSchema(
+                ref_template="#/components/schemas/{model}"
+            ).generate_definitions(
+                [
+                    (model, "serialization", model.__pydantic_core_schema__)
+                    for model in ERROR_MODELS
+                ]
+            )
+            for name, definition in definitions.items():
+                # ...and orders its keys as FastAPI does, through its Schema model.
+                schema["components"]["schemas"][name] = jsonable_encoder(
+                    OpenAPISchema(**definition), by_alias=True, exclude_none=True
+                )
+            schema["components"]["schemas"] = dict(
+                sorted(schema["components"]["schemas"].items())
+            )
         return app.openapi_schema
 
     app.openapi = openapi

@@ -33,8 +33,11 @@ from models import (
     ClaimRequest,
     ErrorBody,
     Health,
+    HeartbeatRequest,
     Job,
     JobCreate,
+    JobEvent,
+    JobStats,
     JobStatus,
     JobUpdate,
     check_optional_text,
@@ -42,11 +45,14 @@ from models import (
 from repository import ExtractionJobRepository
 from service import (
     IdempotencyKeyReused,
+    InvalidPage,
     InvalidTransition,
     JobNotFound,
     JobService,
+    NotLeaseHolder,
     UpdateContention,
     VersionMismatch,
+    retention_days_from_env,
 )
 
 logger = logging.getLogger("extraction_jobs")
@@ -61,7 +67,8 @@ def _errors(*codes: int) -> dict[int | str, dict]:
         401: "Missing or invalid bearer token",
         403: "The token lacks the needed permission",
         404: "No job with this id",
-        409: "The status move is not allowed from the job's current status",
+        409: "The status move is not allowed from the job's current status, "
+        "or the worker does not hold the job's lease",
         412: "If-Match does not match the job's current version (ETag)",
         413: "Request body larger than 1 MiB",
         422: "Invalid request",
@@ -145,8 +152,18 @@ def create_job(
     summary="Claim the next pending jobs, most urgent first",
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
-def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
-    return service.claim(request)
+def claim_jobs(request: ClaimRequest, service: Service, principal: Writer) -> list[Job]:
+    return service.claim(request, actor=principal.sub)
+
+
+@router.get(
+    "/stats",
+    response_model=JobStats,
+    summary="Counts per status, oldest pending age, expired leases",
+    responses=_errors(*COMMON_ERRORS),
+)
+def job_stats(service: Service, _: Reader) -> JobStats:
+    return service.stats()
 
 
 @router.get(
@@ -156,6 +173,8 @@ def claim_jobs(request: ClaimRequest, service: Service, _: Writer) -> list[Job]:
     responses=_errors(422, *COMMON_ERRORS),
 )
 def list_jobs(
+    request: Request,
+    response: Response,
     service: Service,
     _: Reader,
     document_id: Annotated[
@@ -167,11 +186,31 @@ def list_jobs(
     ] = None,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    offset: Annotated[
+        int, Query(ge=0, le=MAX_OFFSET, description="At most 10000; then use cursor.")
+    ] = 0,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=512,
+            description='Opaque: from the Link header (rel="next") of the previous page.',
+        ),
+    ] = None,
 ) -> list[Job]:
-    return service.list_jobs(
-        document_id=document_id, status=status, limit=limit, offset=offset
+    page = service.list_jobs(
+        document_id=document_id,
+        status=status,
+        limit=limit,
+        offset=offset,
+        cursor=cursor,
     )
+    if page.next_cursor is not None:
+        following = request.url.remove_query_params("offset").include_query_params(
+            cursor=page.next_cursor
+        )
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return page.jobs
 
 
 @router.get(
@@ -182,6 +221,32 @@ def list_jobs(
 )
 def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
     return _etag(response, service.get(job_id))
+
+
+@router.post(
+    "/{job_id}/heartbeat",
+    response_model=Job,
+    summary="Extend the lease of a job this worker holds",
+    responses=_errors(404, 409, 413, 422, *COMMON_ERRORS),
+)
+def heartbeat(
+    job_id: str,
+    data: HeartbeatRequest,
+    response: Response,
+    service: Service,
+    principal: Writer,
+) -> Job:
+    return _etag(response, service.heartbeat(job_id, data, actor=principal.sub))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEvent],
+    summary="The job's history, oldest first",
+    responses=_errors(404, *COMMON_ERRORS),
+)
+def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]:
+    return service.events(job_id)
 
 
 @router.patch(
@@ -195,7 +260,7 @@ def update_job(
     data: JobUpdate,
     response: Response,
     service: Service,
-    _: Writer,
+    principal: Writer,
     if_match: Annotated[
         str | None,
         Header(
@@ -204,7 +269,9 @@ def update_job(
         ),
     ] = None,
 ) -> Job:
-    job = service.update(job_id, data, if_match=_parse_if_match(if_match))
+    job = service.update(
+        job_id, data, if_match=_parse_if_match(if_match), actor=principal.sub
+    )
     return _etag(response, job)
 
 
@@ -320,6 +387,8 @@ def _register_error_handlers(app: FastAPI) -> None:
     handlers = {
         JobNotFound: lambda _, e: detail(404, e),
         InvalidTransition: lambda _, e: detail(409, e),
+        NotLeaseHolder: lambda _, e: detail(409, e),
+        InvalidPage: lambda _, e: detail(422, e),
         UpdateContention: lambda _, e: detail(409, e),
         VersionMismatch: lambda _, e: detail(412, e),
         IdempotencyKeyReused: lambda _, e: detail(422, e),
@@ -378,7 +447,10 @@ def create_app() -> FastAPI:
         ),
     )
     app.state.authenticator = authenticator_from_env()
-    app.state.service = JobService(ExtractionJobRepository(database_url_from_env()))
+    app.state.service = JobService(
+        ExtractionJobRepository(database_url_from_env()),
+        retention_days=retention_days_from_env(),
+    )
     app.add_middleware(BodySizeLimit)
     _register_error_handlers(app)
     app.include_router(router)

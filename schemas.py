@@ -2,8 +2,8 @@
 
 import uuid
 
-from db_models import ExtractionJob
-from models import Job, JobStatus
+from db_models import ExtractionJob, JobEventRow
+from models import EventType, Job, JobEvent, JobStatus
 
 
 def to_job(row: ExtractionJob) -> Job:
@@ -22,6 +22,11 @@ def to_job(row: ExtractionJob) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         version=row.version,
+        max_attempts=row.max_attempts,
+        run_at=row.run_at,
+        lease_expires_at=row.lease_expires_at,
+        result=row.result,
+        updated_by=row.updated_by,
     )
 
 
@@ -42,4 +47,21 @@ def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:
         finished_at=job.finished_at,
         version=job.version,
         idempotency_key=idempotency_key,
+        max_attempts=job.max_attempts,
+        run_at=job.run_at,
+        lease_expires_at=job.lease_expires_at,
+        result=job.result,
+        updated_by=job.updated_by,
+    )
+
+
+def to_event(row: JobEventRow) -> JobEvent:
+    return JobEvent(
+        at=row.at,
+        type=EventType(row.type),
+        from_status=JobStatus(row.from_status) if row.from_status else None,
+        to_status=JobStatus(row.to_status) if row.to_status else None,
+        actor=row.actor,
+        worker_id=row.worker_id,
+        detail=row.detail,
     )

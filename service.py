@@ -4,12 +4,36 @@ This module knows nothing of HTTP. Its exceptions are mapped to status
 codes in one place, `main.py`.
 """
 
+import base64
+import hashlib
+import hmac
+import json
+import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from models import ClaimRequest, Job, JobCreate, JobStatus, JobUpdate
-from repository import ExtractionJobRepository, IdempotencyKeyTaken
+from models import (
+    DEFAULT_LEASE_SECONDS,
+    ClaimRequest,
+    EventType,
+    HeartbeatRequest,
+    Job,
+    JobCreate,
+    JobEvent,
+    JobStats,
+    JobStatus,
+    JobUpdate,
+)
+from repository import (
+    MAX_RETENTION_BATCHES,
+    ExtractionJobRepository,
+    IdempotencyKeyTaken,
+    NewEvent,
+    SweepOutcome,
+    iso,
+)
 
 # The one state machine: where each status may move next.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -30,6 +54,43 @@ FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 # state machine; this bounds how often before it gives up.
 MAX_UPDATE_ATTEMPTS = 10
 ONE_MICROSECOND = timedelta(microseconds=1)
+# Deeper than this, an offset scan costs too much: pages go on with `cursor`.
+MAX_LIST_OFFSET = 10_000
+
+
+# --- configuration read from the environment (one small validated place) ----
+
+
+class InvalidConfiguration(ValueError):
+    pass
+
+
+def retention_days_from_env() -> int | None:
+    """`RETENTION_DAYS`: finished jobs older than this are deleted by the
+    sweep; unset or empty keeps them forever."""
+    raw = os.environ.get("RETENTION_DAYS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 36_500:
+        raise InvalidConfiguration(
+            f"RETENTION_DAYS must be a whole number of days from 1 to 36500, got {raw!r}"
+        )
+    return int(raw)
+
+
+def cursor_key_from_env(database_url: str) -> bytes:
+    """The key that signs list cursors.
+
+    `CURSOR_SECRET` when set (at least 32 characters). Otherwise derived from
+    the database URL, which is the same for every instance of a deployment and,
+    in AWS, holds the database password, so it is secret there without a new
+    secret to manage; a changed URL only makes old cursors fail with 422.
+    """
+    secret = os.environ.get("CURSOR_SECRET", "").strip()
+    if secret and len(secret) < 32:
+        raise InvalidConfiguration("CURSOR_SECRET must be at least 32 characters")
+    material = secret or database_url
+    return hashlib.sha256(b"extraction-jobs cursor v1\x00" + material.encode()).digest()
 
 
 class JobNotFound(Exception):
@@ -68,6 +129,57 @@ class UpdateContention(Exception):
         super().__init__("The job is being changed by others right now; retry")
 
 
+class NotLeaseHolder(Exception):
+    """A worker acted on a job it does not hold (any more)."""
+
+
+class InvalidPage(Exception):
+    """A cursor that is not ours, or an offset too deep to scan."""
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class CursorCodec:
+    """Opaque, tamper-evident list cursors: the position and the filters,
+    HMAC-SHA256-signed, base64url. A cursor from another filter, deployment
+    or hand is refused (`InvalidPage`), never trusted."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def _sign(self, payload: bytes) -> bytes:
+        return hmac.new(self.key, payload, hashlib.sha256).digest()[:16]
+
+    def encode(self, after_seq: int, filters: list[str | None]) -> str:
+        payload = json.dumps([1, after_seq, filters], separators=(",", ":")).encode()
+        token = payload + self._sign(payload)
+        return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
+
+    def decode(self, cursor: str, filters: list[str | None]) -> int:
+        invalid = InvalidPage(
+            "Invalid cursor: use the Link header of the previous page unchanged, "
+            "with the same document_id and status filters"
+        )
+        try:
+            token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        except (ValueError, UnicodeEncodeError):
+            raise invalid from None
+        payload, signature = token[:-16], token[-16:]
+        if len(token) <= 16 or not hmac.compare_digest(signature, self._sign(payload)):
+            raise invalid
+        try:
+            version, after_seq, signed_filters = json.loads(payload)
+        except ValueError:
+            raise invalid from None
+        if version != 1 or signed_filters != filters or not isinstance(after_seq, int):
+            raise invalid
+        return after_seq
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -80,10 +192,24 @@ def _parse_id(job_id: str) -> uuid.UUID:
 
 
 def _same_request(job: Job, data: JobCreate) -> bool:
-    return (job.document_id, job.priority, job.metadata) == (
+    # run_at was stored as max(requested, created_at): absent or past is "now".
+    requested_run_at = (
+        job.created_at
+        if data.run_at is None or data.run_at <= job.created_at
+        else data.run_at
+    )
+    return (
+        job.document_id,
+        job.priority,
+        job.metadata,
+        job.max_attempts,
+        job.run_at,
+    ) == (
         data.document_id,
         data.priority,
         data.metadata,
+        data.max_attempts,
+        requested_run_at,
     )
 
 
@@ -92,9 +218,14 @@ class JobService:
         self,
         repository: ExtractionJobRepository,
         clock: Callable[[], datetime] = utc_now,
+        *,
+        cursor_key: bytes | None = None,
+        retention_days: int | None = None,
     ) -> None:
         self.repository = repository
         self.clock = clock
+        self.cursors = CursorCodec(cursor_key or cursor_key_from_env(repository.url))
+        self.retention_days = retention_days
 
     def database_ok(self) -> None:
         """Raises `DatabaseUnavailable` when the database cannot be reached."""
@@ -115,6 +246,7 @@ class JobService:
             if earlier is not None:
                 return self._replay(earlier, data), True
         now = self.clock()
+        run_at = now if data.run_at is None or data.run_at <= now else data.run_at
         job = Job(
             id=str(uuid.uuid4()),
             document_id=data.document_id,
@@ -130,9 +262,22 @@ class JobService:
             started_at=None,
             finished_at=None,
             version=1,
+            max_attempts=data.max_attempts,
+            run_at=run_at,
+            lease_expires_at=None,
+            result=None,
+            updated_by=created_by,
+        )
+        event = NewEvent(
+            EventType.CREATED,
+            None,
+            JobStatus.PENDING,
+            created_by,
+            None,
+            {"run_at": iso(run_at)} if run_at > now else None,
         )
         try:
-            return self.repository.add(job, idempotency_key), False
+            return self.repository.add(job, idempotency_key, event), False
         except IdempotencyKeyTaken:
             # A concurrent request with the same key won the unique constraint.
             winner = self.repository.get_by_idempotency_key(created_by, idempotency_key)
@@ -159,13 +304,99 @@ class JobService:
         status: JobStatus | None,
         limit: int,
         offset: int,
-    ) -> list[Job]:
-        return self.repository.list_jobs(
-            document_id=document_id, status=status, limit=limit, offset=offset
+        cursor: str | None = None,
+    ) -> Page:
+        """A page in creation order, and the cursor of the next when more follow.
+
+        A cursor is a position (keyset on the creation counter), so a page
+        deep in a million rows costs what the first does, and jobs created
+        while walking are neither skipped nor repeated.
+        """
+        filters = [document_id, status.value if status else None]
+        after_seq = None
+        if cursor is not None:
+            if offset:
+                raise InvalidPage("Use either cursor or offset, not both")
+            after_seq = self.cursors.decode(cursor, filters)
+        elif offset > MAX_LIST_OFFSET:
+            raise InvalidPage(
+                f"offset must be at most {MAX_LIST_OFFSET}; to page further, follow "
+                'the `cursor` in the Link header (rel="next") of each page'
+            )
+        jobs, last_seq, more = self.repository.list_jobs(
+            document_id=document_id,
+            status=status,
+            limit=limit,
+            offset=offset,
+            after_seq=after_seq,
         )
+        next_cursor = (
+            self.cursors.encode(last_seq, filters)
+            if more and last_seq is not None
+            else None
+        )
+        return Page(jobs, next_cursor)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        events = self.repository.events(_parse_id(job_id))
+        if events is None:
+            raise JobNotFound(job_id)
+        return events
+
+    def stats(self) -> JobStats:
+        return self.repository.stats(self.clock())
+
+    def heartbeat(
+        self, job_id: str, request: HeartbeatRequest, *, actor: str | None = None
+    ) -> Job:
+        """Extend the holder's lease from now (409 unless it holds the job)."""
+        now = self.clock()
+        outcome = self.repository.heartbeat(
+            _parse_id(job_id),
+            worker_id=request.worker_id,
+            now=now,
+            lease_until=now + timedelta(seconds=request.lease_seconds),
+            actor=actor,
+        )
+        if outcome.job is None:
+            raise JobNotFound(job_id)
+        if not outcome.extended:
+            job = outcome.job
+            if job.status != JobStatus.PROCESSING:
+                raise NotLeaseHolder(
+                    f"The job is {job.status.value}, not processing: there is no lease "
+                    "to extend"
+                )
+            raise NotLeaseHolder(
+                f"The job's lease is held by another worker, not {request.worker_id!r}"
+            )
+        return outcome.job
+
+    def sweep(self) -> SweepOutcome:
+        """Apply lease expiry to every expired lease, then retention, in
+        bounded batches (each its own short transaction)."""
+        failed = released = deleted = 0
+        for _ in range(MAX_RETENTION_BATCHES):
+            outcome = self.repository.sweep_leases(self.clock())
+            failed, released = failed + outcome.failed, released + outcome.released
+            if not (outcome.failed or outcome.released):
+                break
+        if self.retention_days is not None:
+            cutoff = self.clock() - timedelta(days=self.retention_days)
+            for _ in range(MAX_RETENTION_BATCHES):
+                batch = self.repository.delete_finished(cutoff)
+                deleted += batch
+                if not batch:
+                    break
+        return SweepOutcome(failed=failed, released=released, deleted=deleted)
 
     def update(
-        self, job_id: str, data: JobUpdate, *, if_match: frozenset[int] | None = None
+        self,
+        job_id: str,
+        data: JobUpdate,
+        *,
+        if_match: frozenset[int] | None = None,
+        actor: str | None = None,
     ) -> Job:
         """Move a job along the state machine.
 
@@ -181,10 +412,20 @@ class JobService:
                 raise JobNotFound(job_id)
             if if_match is not None and job.version not in if_match:
                 raise VersionMismatch(job.version)
+            if (
+                data.worker_id is not None
+                and job.status == JobStatus.PROCESSING
+                and data.worker_id != job.worker_id
+            ):
+                raise NotLeaseHolder(
+                    f"The job's lease is held by another worker, not {data.worker_id!r}"
+                )
             changes = self._changes(job, data)
             if not changes:
                 return job
-            updated = self.repository.update(uid, job.version, **changes)
+            changes["updated_by"] = actor
+            event = self._event(job, data, changes, actor)
+            updated = self.repository.update(uid, job.version, event, **changes)
             if updated is not None:
                 return updated
             if if_match is not None:
@@ -196,27 +437,80 @@ class JobService:
 
     def _changes(self, job: Job, data: JobUpdate) -> dict[str, object]:
         if data.status == job.status:
-            if data.error_message == job.error_message:
-                return {}
-            return {"error_message": data.error_message, "updated_at": self._after(job)}
+            changes: dict[str, object] = {}
+            if data.error_message != job.error_message:
+                changes["error_message"] = data.error_message
+            if data.result is not None and data.result != job.result:
+                changes["result"] = data.result
+            if data.retry_in_seconds is not None:
+                changes["run_at"] = self.clock() + timedelta(
+                    seconds=data.retry_in_seconds
+                )
+            if changes:
+                changes["updated_at"] = self._after(job)
+            return changes
         if data.status not in TRANSITIONS[job.status]:
             raise InvalidTransition(job.status, data.status)
         now = self._after(job)
-        changes: dict[str, object] = {
+        changes = {
             "status": data.status.value,
             "error_message": data.error_message,
             "updated_at": now,
             "finished_at": now if data.status in FINISHED else None,
+            "lease_expires_at": None,
         }
+        if data.status == JobStatus.COMPLETED:
+            changes["result"] = data.result
+        if data.status == JobStatus.PENDING:
+            changes["run_at"] = now + timedelta(seconds=data.retry_in_seconds or 0)
         if data.status == JobStatus.PROCESSING:
-            changes |= {"started_at": now, "attempts": job.attempts + 1}
+            # Taken by hand rather than claimed: it still gets a lease, so it
+            # cannot be stranded.
+            changes |= {
+                "started_at": now,
+                "attempts": job.attempts + 1,
+                "worker_id": data.worker_id,
+                "lease_expires_at": now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
+            }
         return changes
+
+    @staticmethod
+    def _event(
+        job: Job, data: JobUpdate, changes: dict[str, object], actor: str | None
+    ) -> NewEvent:
+        detail: dict[str, object] = {}
+        if changes.get("error_message") is not None:
+            detail["error_message"] = changes["error_message"]
+        if "run_at" in changes:
+            detail["run_at"] = iso(changes["run_at"])  # type: ignore[arg-type]
+            detail["retry_in_seconds"] = data.retry_in_seconds or 0
+        if data.status == job.status:
+            kind = EventType.UPDATED
+        elif data.status == JobStatus.PENDING:
+            kind = EventType.RETRIED
+        else:
+            kind = EventType.STATUS_CHANGED
+        return NewEvent(
+            kind,
+            job.status,
+            data.status,
+            actor,
+            data.worker_id or job.worker_id,
+            detail or None,
+        )
 
     def _after(self, job: Job) -> datetime:
         """Now, but strictly after the job's last change, whatever the clock says."""
         return max(self.clock(), job.updated_at + ONE_MICROSECOND)
 
-    def claim(self, request: ClaimRequest) -> list[Job]:
+    def claim(self, request: ClaimRequest, *, actor: str | None = None) -> list[Job]:
+        """Claim up to `limit` due jobs, each with a lease of `lease_seconds`;
+        expired leases are swept first, in the same transaction."""
+        now = self.clock()
         return self.repository.claim(
-            worker_id=request.worker_id, limit=request.limit, now=self.clock()
+            worker_id=request.worker_id,
+            limit=request.limit,
+            now=now,
+            lease_until=now + timedelta(seconds=request.lease_seconds),
+            actor=actor,
         )

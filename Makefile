@@ -11,7 +11,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install run test test-deployed lint migrate build plan deploy destroy clean
+.PHONY: install run test test-deployed lint migrate sweep build plan deploy destroy clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ lint: install
 # alembic upgrade head against DATABASE_URL (or the default SQLite file).
 migrate: install
 	$(BIN)/alembic upgrade head
+
+# One sweep now (expired leases, retention) against DATABASE_URL or the SQLite file.
+sweep: install
+	AUTH_DISABLED=1 $(BIN)/python scripts/sweep.py
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh

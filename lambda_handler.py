@@ -15,7 +15,7 @@ import os
 
 from mangum import Mangum
 
-from main import app, log_unhandled
+from main import app, log_unhandled, run_sweep
 
 logger = logging.getLogger("extraction_jobs")
 
@@ -71,4 +71,13 @@ def build_handler(asgi_app) -> Mangum:
     )
 
 
-handler = build_handler(app)
+http_handler = build_handler(app)
+# The EventBridge Scheduler schedule (terraform/schedule.tf) sends this input.
+SWEEP_EVENT = {"task": "sweep"}
+
+
+def handler(event, context):
+    """HTTP events go to the app; the scheduled sweep event to the sweep."""
+    if isinstance(event, dict) and event.get("task") == SWEEP_EVENT["task"]:
+        return run_sweep(app)
+    return http_handler(event, context)

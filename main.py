@@ -275,6 +275,19 @@ def update_job(
     return _etag(response, job)
 
 
+def run_sweep(app: FastAPI) -> dict[str, int]:
+    """The sweep outside HTTP (the schedule, `make sweep`): one JSON log line
+    with what it did, and the same counts returned."""
+    outcome = app.state.service.sweep()
+    counts = {
+        "leases_failed": outcome.failed,
+        "leases_released": outcome.released,
+        "jobs_deleted": outcome.deleted,
+    }
+    logger.info(json.dumps({"message": "sweep", **counts}))
+    return counts
+
+
 def health(request: Request) -> JSONResponse:
     """Public: a real round trip to the database, at the schema this code needs."""
     try:

@@ -69,12 +69,15 @@ resource "aws_lambda_function" "api" {
   }
 
   environment {
-    variables = {
-      DATABASE_URL   = local.database_url
-      AUTH0_DOMAIN   = var.auth0_domain
-      AUTH0_AUDIENCE = var.auth0_audience
-      AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
-    }
+    variables = merge(
+      {
+        DATABASE_URL   = local.database_url
+        AUTH0_DOMAIN   = var.auth0_domain
+        AUTH0_AUDIENCE = var.auth0_audience
+        AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
+      },
+      var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
+    )
   }
 
   depends_on = [

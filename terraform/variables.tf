@@ -272,3 +272,27 @@ variable "cors_allow_origins" {
     error_message = "cors_allow_origins must be origins such as https://app.example.com: a scheme and a host, no path, no wildcard."
   }
 }
+
+# --- Job lifecycle (sweep, retention) ------------------------------------------
+
+variable "sweep_schedule" {
+  type        = string
+  description = "How often EventBridge Scheduler runs the sweep (expired leases, retention): a rate() or cron() expression."
+  default     = "rate(1 minute)"
+
+  validation {
+    condition     = can(regex("^(rate\\(\\d+ (minute|minutes|hour|hours|day|days)\\)|cron\\([^()]+\\))$", var.sweep_schedule))
+    error_message = "sweep_schedule must be a rate() or cron() expression, e.g. rate(1 minute) or cron(0/5 * * * ? *)."
+  }
+}
+
+variable "job_retention_days" {
+  type        = number
+  description = "Days after which the sweep deletes completed and failed jobs and their events (RETENTION_DAYS). null (the default) keeps them forever."
+  default     = null
+
+  validation {
+    condition     = var.job_retention_days == null || try(var.job_retention_days >= 1 && var.job_retention_days <= 36500 && floor(var.job_retention_days) == var.job_retention_days, false)
+    error_message = "job_retention_days must be null or a whole number of days from 1 to 36500."
+  }
+}

@@ -2,6 +2,8 @@
 the deployed state as the emulator holds it, not as Terraform planned it.
 """
 
+import json
+
 import boto3
 from sqlalchemy import make_url
 from terraform_helpers import EMULATOR_REGION
@@ -211,3 +213,19 @@ def leftovers(endpoint: str) -> dict[str, list]:
         ],
     }
     return {kind: names for kind, names in found.items() if names}
+
+
+def assert_sweep_schedule_invokes_the_function(endpoint: str, deployed: dict) -> None:
+    """The EventBridge Scheduler schedule targets the API function with the
+    sweep event lambda_handler routes, through a role that may invoke it."""
+    schedule = emulator_client(endpoint, "scheduler").get_schedule(Name=f"{NAME}-sweep")
+    assert schedule["ScheduleExpression"] == "rate(1 minute)"
+    assert schedule["Target"]["Arn"] == deployed["aws_lambda_function.api"]["arn"]
+    assert json.loads(schedule["Target"]["Input"]) == {"task": "sweep"}
+    role = deployed["aws_iam_role.sweep_scheduler"]
+    assert schedule["Target"]["RoleArn"] == role["arn"]
+    assert "scheduler.amazonaws.com" in role["assume_role_policy"]
+    policy = json.loads(deployed["aws_iam_role_policy.sweep_invoke"]["policy"])
+    [statement] = policy["Statement"]
+    assert statement["Action"] == "lambda:InvokeFunction"
+    assert statement["Resource"] == deployed["aws_lambda_function.api"]["arn"]

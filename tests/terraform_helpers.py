@@ -24,7 +24,16 @@ MODULE_DIR = REPO_ROOT / "terraform"
 CLI_CONFIG_SCRIPT = REPO_ROOT / "scripts" / "tf_cli_config.sh"
 
 # Every service the configuration calls; anything missing here would go to real AWS.
-EMULATED_SERVICES = ("apigatewayv2", "ec2", "iam", "lambda", "logs", "rds", "sts")
+EMULATED_SERVICES = (
+    "apigatewayv2",
+    "ec2",
+    "iam",
+    "lambda",
+    "logs",
+    "rds",
+    "scheduler",
+    "sts",
+)
 EMULATOR_REGION = "us-east-1"
 COMMAND_TIMEOUT_S = 900
 

@@ -16,6 +16,7 @@ import pytest
 from terraform_emulator import (
     assert_function_wired_to_private_network_and_database,
     assert_network_isolation,
+    assert_sweep_schedule_invokes_the_function,
     leftovers,
     state_values,
     unexpected_changes,
@@ -305,7 +306,10 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
     assert [a["policy_arn"] for a in attachments.values()] == [
         "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
     ]
-    assert of_type(resources, "aws_iam_role_policy") == {}
+    # The one inline policy is the sweep scheduler's (schedule.tf), not the function's.
+    assert list(of_type(resources, "aws_iam_role_policy")) == [
+        "aws_iam_role_policy.sweep_invoke"
+    ]
     assume = json.loads(resources["aws_iam_role.lambda"]["assume_role_policy"])
     assert [s["Principal"] for s in assume["Statement"]] == [
         {"Service": "lambda.amazonaws.com"}
@@ -447,6 +451,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
             moto_endpoint, deployed, variables
         )
         assert_network_isolation(moto_endpoint, deployed)
+        assert_sweep_schedule_invokes_the_function(moto_endpoint, deployed)
 
         terraform.run("plan", "-out=replan.tfplan")
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []

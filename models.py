@@ -8,6 +8,7 @@ backend: behaviour must not depend on which database runs underneath.
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -92,6 +94,21 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+RFC3339_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    """Only a date-time string such as 2030-01-01T09:00:00Z; pydantic would
+    otherwise read numbers and numeric strings as Unix times."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not RFC3339_START.match(value):
+        raise ValueError(
+            "must be an RFC 3339 date-time with an offset, e.g. 2030-01-01T09:00:00Z"
+        )
+    return value
+
+
 def _check_instant(value: datetime | None) -> datetime | None:
     """An aware timestamp both databases can store, normalised to UTC."""
     if value is None:
@@ -134,7 +151,9 @@ MaxAttempts = Annotated[
 ]
 RetryInSeconds = Annotated[int, Field(strict=True, ge=0, le=MAX_RETRY_IN_SECONDS)]
 # An RFC 3339 string with an offset; numbers (epoch seconds) are refused.
-Instant = Annotated[AwareDatetime, Field(strict=True), AfterValidator(_check_instant)]
+Instant = Annotated[
+    AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_check_instant)
+]
 
 
 class JobCreate(BaseModel):

@@ -169,7 +169,10 @@ def _lapsed(now: datetime, limit: int) -> Select:
             JOBS.c.lease_expires_at <= now,
             JOBS.c.attempts < JOBS.c.max_attempts,
         )
-        .order_by(JOBS.c.priority.desc(), JOBS.c.seq)
+        # Longest expired first, in index order: the claim reads `limit` of
+        # them, however many leases have run out (the priority order then
+        # applies among these and the due jobs).
+        .order_by(JOBS.c.lease_expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )

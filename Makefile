@@ -37,6 +37,12 @@ test-deployed: install
 	@test -n "$$API_URL" || { echo "API_URL is required (and API_TOKEN when auth is on)"; exit 2; }
 	$(BIN)/pytest tests/test_api.py
 
+# Throughput as ratios to floors measured in the same run (PostgreSQL only):
+#   TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/test make bench
+.PHONY: bench
+bench: install
+	$(BIN)/python scripts/bench.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

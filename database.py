@@ -8,19 +8,34 @@ The schema belongs to Alembic (migrations/). A SQLite file, the local
 default, is upgraded on first use. PostgreSQL is never changed by the app:
 its revision is checked, and a database behind this code's head answers
 `SchemaOutOfDate` (503) until `make migrate` or the migration function runs.
+
+Round trips are the cost that matters (each one is a network hop to RDS):
+a single statement runs through `run()` in autocommit on PostgreSQL, so it
+is exactly one round trip (no BEGIN, no COMMIT, no pre-ping). A pooled
+connection is checked with `SELECT 1` only after it sat idle for longer than
+`DB_PING_AFTER_IDLE_S` (Lambda freezes environments between invocations, and
+a SnapStart restore brings back sockets that are long dead); a connection
+found dead mid-statement is replaced and the statement run once more.
 """
 
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
@@ -28,9 +43,13 @@ from sqlalchemy.pool import NullPool, StaticPool
 from db_models import SCHEMA_REVISIONS
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_SQLITE_PATH = "extraction_jobs.db"
 SQLITE_BUSY_TIMEOUT_S = 15
+DEFAULT_PING_AFTER_IDLE_S = 30
+# Where a pool keeps, per connection, when it was last returned.
+_RETURNED_AT = "returned_at"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
 # While the schema is out of date, look again at most this often.
@@ -91,11 +110,61 @@ def _env_int(name: str, default: int) -> int:
         raise InvalidDatabaseURL(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
+    """Check a pooled connection before use only when it sat idle too long.
+
+    Idle time is measured on the wall clock too: the monotonic clock may not
+    advance while a Lambda environment is frozen or snapshotted, the wall
+    clock does. A fresh connection is never pinged. A dead one makes the pool
+    discard it and connect anew (SQLAlchemy's `DisconnectionError` protocol).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection, record) -> None:
+        record.info[_RETURNED_AT] = (time.monotonic(), time.time())
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, record, _proxy) -> None:
+        returned_at = record.info.pop(_RETURNED_AT, None)
+        if returned_at is None:
+            return
+        idle = max(time.monotonic() - returned_at[0], time.time() - returned_at[1])
+        if idle <= idle_seconds:
+            return
+        try:
+            # In autocommit, so the ping is one round trip (no BEGIN/ROLLBACK).
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            dbapi_connection.autocommit = autocommit
+        except Exception as error:
+            logger.info("pooled connection idle %.0f s was dead: %s", idle, error)
+            raise DisconnectionError(str(error)) from error
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise InvalidDatabaseURL(
+            f"{name} must be a number of seconds >= 0, got {raw!r}"
+        )
+    return value
+
+
 def _postgres_engine(url: str) -> Engine:
     statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,
+        # No pre-ping: see _ping_after_idle.
+        pool_pre_ping=False,
+        # Set once per connection, client-side: a statement sent alone is its
+        # own transaction, with no BEGIN or COMMIT round trip around it.
+        isolation_level="AUTOCOMMIT",
         # Small by default: on Lambda every execution environment has its own pool.
         pool_size=_env_int("DB_POOL_SIZE", 2),
         max_overflow=_env_int("DB_MAX_OVERFLOW", 0),
@@ -106,6 +175,24 @@ def _postgres_engine(url: str) -> Engine:
             "application_name": "extraction-jobs",
         },
     )
+    _ping_after_idle(
+        engine, _env_float("DB_PING_AFTER_IDLE_S", DEFAULT_PING_AFTER_IDLE_S)
+    )
+    return engine
+
+
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DATETIME on SQLite
+
+
+def _sqlite_strictly_after(now: str | None, earlier: str | None) -> str | None:
+    """SQLite's `strictly_after(now, earlier)`: max(now, earlier + 1 µs), on
+    naive-UTC timestamps as SQLAlchemy stores them (see repository.py)."""
+    if earlier is None:
+        return now
+    after = datetime.fromisoformat(earlier) + timedelta(microseconds=1)
+    if now is not None and datetime.fromisoformat(now) > after:
+        return now
+    return after.strftime(_SQLITE_DATETIME)
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -126,6 +213,9 @@ def _sqlite_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.close()
+        dbapi_connection.create_function(
+            "strictly_after", 2, _sqlite_strictly_after, deterministic=True
+        )
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
@@ -183,16 +273,22 @@ class _Database:
     """An engine, its session factory, and whether its schema is settled."""
 
     def __init__(self, url: str) -> None:
-        is_sqlite = url.startswith("sqlite")
-        self.engine = _sqlite_engine(url) if is_sqlite else _postgres_engine(url)
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.pooled = self.autocommit_engine = self.engine = _sqlite_engine(url)
+            # Writers take the write lock up front.
+            self.writer_engine = self.engine.execution_options(sqlite_immediate=True)
+        else:
+            # The pool's connections are in autocommit: request paths use them
+            # as they are. `engine` (tools, the ORM, migrations) opens ordinary
+            # transactions; switching a connection there and back costs a
+            # `SET` round trip each way, which no request path pays.
+            self.pooled = self.autocommit_engine = _postgres_engine(url)
+            self.engine = self.writer_engine = self.pooled.execution_options(
+                isolation_level="READ COMMITTED"
+            )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.writer_sessions = sessionmaker(
-            self.engine.execution_options(sqlite_immediate=True)
-            if is_sqlite
-            else self.engine,
-            expire_on_commit=False,
-        )
-        self.is_sqlite = is_sqlite
+        self.writer_sessions = sessionmaker(self.writer_engine, expire_on_commit=False)
         self.schema_ready = False
         self.out_of_date: SchemaOutOfDate | None = None
         self.checked_at = 0.0
@@ -266,18 +362,11 @@ def _is_unavailable(error: DBAPIError) -> bool:
 
 
 @contextmanager
-def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
-    """One short transaction: commit on success, roll back on any error.
-
-    Connection failures and timeouts surface as `DatabaseUnavailable`, so
-    callers above never see driver exceptions for an outage.
-    """
-    database = _database(url)
+def _unavailable_as_domain_error() -> Iterator[None]:
+    """Connection failures and timeouts surface as `DatabaseUnavailable`, so
+    callers above never see driver exceptions for an outage."""
     try:
-        database.ensure_schema()
-        factory = database.writer_sessions if write else database.sessions
-        with factory() as session, session.begin():
-            yield session
+        yield
     except (DBAPIError, PoolTimeoutError) as error:
         if isinstance(error, DBAPIError) and not _is_unavailable(error):
             raise
@@ -286,10 +375,81 @@ def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
         raise DatabaseUnavailable(str(cause)) from error
 
 
+def _run_once_more_if_dropped(work: Callable[[], T]) -> T:
+    """Run `work`; if its connection turns out dead (a server restart or
+    failover, a connection restored from a snapshot), run it once more on a
+    fresh one. The pool has already discarded the dead connection then."""
+    try:
+        return work()
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        logger.info("pooled connection was dead; retrying on a new one: %s", error.orig)
+    return work()
+
+
+def run(url: str, work: Callable[[Connection], T], *, write: bool = False) -> T:
+    """`work(connection)` for ONE statement: autocommit on PostgreSQL (one
+    round trip, nothing else), a short transaction on SQLite.
+
+    `write` takes SQLite's write lock up front. Several statements that must
+    hold together belong in `transaction()`, not here.
+    """
+    database = _database(url)
+    sqlite_writer = write and database.is_sqlite
+    engine = database.writer_engine if sqlite_writer else database.autocommit_engine
+
+    def attempt() -> T:
+        with engine.connect() as connection:
+            if database.is_sqlite:
+                with connection.begin():
+                    return work(connection)
+            return work(connection)
+
+    with _unavailable_as_domain_error():
+        database.ensure_schema()
+        return _run_once_more_if_dropped(attempt)
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Connection]:
+    """One transaction over several statements: commit on success, roll back
+    on any error. On PostgreSQL it is BEGIN … COMMIT sent on the pool's
+    autocommit connection: two round trips more, and nothing else."""
+    database = _database(url)
+    with _unavailable_as_domain_error():
+        database.ensure_schema()
+        if database.is_sqlite:
+            with database.writer_engine.begin() as connection:
+                yield connection
+            return
+        with database.autocommit_engine.connect() as connection:
+            connection.exec_driver_sql("BEGIN")
+            try:
+                yield connection
+            except BaseException:
+                try:
+                    connection.exec_driver_sql("ROLLBACK")
+                except DBAPIError:
+                    connection.invalidate()  # never pool a connection mid-transaction
+                raise
+            connection.exec_driver_sql("COMMIT")
+
+
+@contextmanager
+def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
+    """One short ORM transaction: commit on success, roll back on any error."""
+    database = _database(url)
+    with _unavailable_as_domain_error():
+        database.ensure_schema()
+        factory = database.writer_sessions if write else database.sessions
+        with factory() as session, session.begin():
+            yield session
+
+
 def ping(url: str) -> None:
     """A real round trip to the database."""
-    with session_scope(url) as session:
-        session.execute(text("SELECT 1"))
+    run(url, lambda connection: connection.execute(text("SELECT 1")))
 
 
 def ensure_schema(url: str) -> None:
@@ -297,9 +457,36 @@ def ensure_schema(url: str) -> None:
     _database(url).ensure_schema()
 
 
+def drop_pooled_connections() -> None:
+    """Forget every pooled connection without talking to the server.
+
+    After a SnapStart restore the sockets in the pool belong to a snapshot
+    taken long ago: closing them politely could block, so they are dropped.
+    """
+    with _databases_lock:
+        for database in _databases.values():
+            database.pooled.dispose(close=False)
+
+
 def reset_engines() -> None:
     """Dispose every cached engine (tests, and after a fork)."""
     with _databases_lock:
         for database in _databases.values():
-            database.engine.dispose()
+            database.pooled.dispose()
         _databases.clear()
+
+
+def _register_after_restore() -> None:
+    """Under SnapStart, drop the pool's connections as soon as a snapshot is
+    restored. Outside SnapStart (or without the runtime's hook module), the
+    idle check and the retry on a dead connection catch them on first use."""
+    if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") != "snap-start":
+        return
+    try:
+        from snapshot_restore_py import register_after_restore
+    except ImportError:
+        return
+    register_after_restore(drop_pooled_connections)
+
+
+_register_after_restore()

@@ -18,7 +18,6 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from models import DEFAULT_MAX_ATTEMPTS, MAX_PRIORITY, MIN_PRIORITY, JobStatus
@@ -54,10 +53,46 @@ class UTCDateTime(TypeDecorator[datetime]):
         )
 
 
-# A JSON null stays SQL NULL, so "no metadata" is one value, not two.
-JSONDocument = JSON(none_as_null=True).with_variant(
-    JSONB(none_as_null=True), "postgresql"
-)
+class JSONDocument(TypeDecorator[Any]):
+    """JSONB on PostgreSQL, JSON elsewhere; a JSON null stays SQL NULL, so
+    "no metadata" is one value, not two.
+
+    A decorator rather than `JSON().with_variant(JSONB())`: naming JSONB at
+    import would load the whole PostgreSQL dialect on every cold start,
+    SQLite too; this loads it when a PostgreSQL engine first needs it.
+    """
+
+    impl = JSON(none_as_null=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
+
+
+class PartialIndex(Index):
+    """An index `WHERE where` on PostgreSQL and SQLite.
+
+    The same as `Index(..., postgresql_where=where, sqlite_where=where)`,
+    except that those keywords make SQLAlchemy load both dialects at import
+    (to validate them); here each dialect's option is filled in when that
+    dialect first asks for it, e.g. while compiling CREATE INDEX.
+    """
+
+    def __init__(self, name: str, *expressions: Any, where: Any, **kw: Any) -> None:
+        super().__init__(name, *expressions, **kw)
+        self.partial_where = where
+
+    def _kw_reg_for_dialect_cls(self, dialect_name: str) -> Any:
+        options = super()._kw_reg_for_dialect_cls(dialect_name)
+        if dialect_name in ("postgresql", "sqlite"):
+            options["where"] = self.partial_where
+        return options
+
+
 # SQLite only autoincrements an INTEGER PRIMARY KEY.
 Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -94,7 +129,7 @@ class ExtractionJob(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # `metadata` is reserved on declarative classes, hence the attribute name.
     job_metadata: Mapped[dict[str, Any] | None] = mapped_column(
-        "metadata", JSONDocument
+        "metadata", JSONDocument()
     )
     error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -113,7 +148,7 @@ class ExtractionJob(Base):
     )
     run_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
     updated_by: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
@@ -129,26 +164,15 @@ class ExtractionJob(Base):
         Index("ix_extraction_job_document_id", "document_id", "seq"),
         Index("ix_extraction_job_status", "status", "seq"),
         # The claim query: pending jobs, most urgent first, then oldest.
-        Index(
+        PartialIndex(
             "ix_extraction_job_pending_claim",
             text("priority DESC"),
             "seq",
-            postgresql_where=PENDING,
-            sqlite_where=PENDING,
+            where=PENDING,
         ),
         # The sweep: leases that ran out, and finished jobs past retention.
-        Index(
-            "ix_extraction_job_lease",
-            "lease_expires_at",
-            postgresql_where=PROCESSING,
-            sqlite_where=PROCESSING,
-        ),
-        Index(
-            "ix_extraction_job_finished",
-            "finished_at",
-            postgresql_where=FINISHED,
-            sqlite_where=FINISHED,
-        ),
+        PartialIndex("ix_extraction_job_lease", "lease_expires_at", where=PROCESSING),
+        PartialIndex("ix_extraction_job_finished", "finished_at", where=FINISHED),
         # One job per idempotency key and caller; anonymous callers share ''.
         Index(
             "uq_extraction_job_idempotency",
@@ -176,6 +200,6 @@ class JobEventRow(Base):
     to_status: Mapped[str | None] = mapped_column(String(16))
     actor: Mapped[str | None] = mapped_column(String(255))
     worker_id: Mapped[str | None] = mapped_column(String(255))
-    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
 
     __table_args__ = (Index("ix_extraction_job_event_job", "job_id", "seq"),)

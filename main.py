@@ -18,6 +18,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from auth import (
@@ -83,7 +84,15 @@ def get_service(request: Request) -> JobService:
     return request.app.state.service
 
 
-Service = Annotated[JobService, Depends(get_service)]
+async def _service(request: Request) -> JobService:
+    # Async: a sync dependency costs every request a hop to the threadpool.
+    return request.app.state.service
+
+
+# The job routes are async and run the (blocking) service call in the
+# threadpool themselves: one hop per request, where a sync route takes a
+# second one for FastAPI's response validation.
+Service = Annotated[JobService, Depends(_service)]
 Reader = Annotated[Principal, Security(require_scope(READ_SCOPE), scopes=[READ_SCOPE])]
 Writer = Annotated[
     Principal, Security(require_scope(WRITE_SCOPE), scopes=[WRITE_SCOPE])
@@ -121,7 +130,7 @@ def _parse_if_match(value: str | None) -> frozenset[int] | None:
     summary="Create a job",
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
-def create_job(
+async def create_job(
     data: JobCreate,
     response: Response,
     service: Service,
@@ -137,8 +146,8 @@ def create_job(
         ),
     ] = None,
 ) -> Job:
-    job, replayed = service.create(
-        data, created_by=principal.sub, idempotency_key=idempotency_key
+    job, replayed = await run_in_threadpool(
+        service.create, data, created_by=principal.sub, idempotency_key=idempotency_key
     )
     response.headers["Location"] = f"/extraction-jobs/{job.id}"
     if replayed:
@@ -152,8 +161,10 @@ def create_job(
     summary="Claim the next pending jobs, most urgent first",
     responses=_errors(413, 422, *COMMON_ERRORS),
 )
-def claim_jobs(request: ClaimRequest, service: Service, principal: Writer) -> list[Job]:
-    return service.claim(request, actor=principal.sub)
+async def claim_jobs(
+    request: ClaimRequest, service: Service, principal: Writer
+) -> list[Job]:
+    return await run_in_threadpool(service.claim, request, actor=principal.sub)
 
 
 @router.get(
@@ -162,8 +173,8 @@ def claim_jobs(request: ClaimRequest, service: Service, principal: Writer) -> li
     summary="Counts per status, oldest pending age, expired leases",
     responses=_errors(*COMMON_ERRORS),
 )
-def job_stats(service: Service, _: Reader) -> JobStats:
-    return service.stats()
+async def job_stats(service: Service, _: Reader) -> JobStats:
+    return await run_in_threadpool(service.stats)
 
 
 @router.get(
@@ -172,7 +183,7 @@ def job_stats(service: Service, _: Reader) -> JobStats:
     summary="List jobs in creation order",
     responses=_errors(422, *COMMON_ERRORS),
 )
-def list_jobs(
+async def list_jobs(
     request: Request,
     response: Response,
     service: Service,
@@ -198,7 +209,8 @@ def list_jobs(
         ),
     ] = None,
 ) -> list[Job]:
-    page = service.list_jobs(
+    page = await run_in_threadpool(
+        service.list_jobs,
         document_id=document_id,
         status=status,
         limit=limit,
@@ -219,8 +231,8 @@ def list_jobs(
     summary="Get one job",
     responses=_errors(404, *COMMON_ERRORS),
 )
-def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
-    return _etag(response, service.get(job_id))
+async def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
+    return _etag(response, await run_in_threadpool(service.get, job_id))
 
 
 @router.post(
@@ -229,14 +241,15 @@ def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job
     summary="Extend the lease of a job this worker holds",
     responses=_errors(404, 409, 413, 422, *COMMON_ERRORS),
 )
-def heartbeat(
+async def heartbeat(
     job_id: str,
     data: HeartbeatRequest,
     response: Response,
     service: Service,
     principal: Writer,
 ) -> Job:
-    return _etag(response, service.heartbeat(job_id, data, actor=principal.sub))
+    job = await run_in_threadpool(service.heartbeat, job_id, data, actor=principal.sub)
+    return _etag(response, job)
 
 
 @router.get(
@@ -245,8 +258,8 @@ def heartbeat(
     summary="The job's history, oldest first",
     responses=_errors(404, *COMMON_ERRORS),
 )
-def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]:
-    return service.events(job_id)
+async def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]:
+    return await run_in_threadpool(service.events, job_id)
 
 
 @router.patch(
@@ -255,7 +268,7 @@ def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]:
     summary="Change a job's status",
     responses=_errors(404, 409, 412, 413, 422, *COMMON_ERRORS),
 )
-def update_job(
+async def update_job(
     job_id: str,
     data: JobUpdate,
     response: Response,
@@ -269,8 +282,12 @@ def update_job(
         ),
     ] = None,
 ) -> Job:
-    job = service.update(
-        job_id, data, if_match=_parse_if_match(if_match), actor=principal.sub
+    job = await run_in_threadpool(
+        service.update,
+        job_id,
+        data,
+        if_match=_parse_if_match(if_match),
+        actor=principal.sub,
     )
     return _etag(response, job)
 

@@ -1,39 +1,55 @@
 """Queries over the `extraction_job` and `extraction_job_event` tables, on
 SQLite or PostgreSQL alike.
 
-Each method is one short transaction. A change and the event that records it
-are written together: on PostgreSQL in one statement (data-modifying CTEs),
-on SQLite in one `BEGIN IMMEDIATE` transaction. Rows are converted to
-contract models before they leave, and concurrency is handled with
-compare-and-swap on `version` or `FOR UPDATE SKIP LOCKED`, never by holding
-locks across calls.
+Every request is ONE statement on PostgreSQL: one round trip, in autocommit
+(see database.run). A change and the event that records it are written
+together: on PostgreSQL in that one statement (data-modifying CTEs), on
+SQLite in one `BEGIN IMMEDIATE` transaction. Statements are SQLAlchemy Core,
+and the rows they return map straight to the contract model. Concurrency is
+handled inside each statement (conditions in the WHERE clause, `FOR UPDATE
+SKIP LOCKED`), never by holding locks across calls. Only the scheduled sweep
+runs several statements, in short transactions of bounded size.
 """
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Executable,
+    Insert,
+    Integer,
     Select,
+    String,
+    Text,
+    and_,
+    bindparam,
+    case,
     cast,
     delete,
     func,
     insert,
     literal,
     null,
+    or_,
     select,
     true,
     union_all,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
-from database import database_url_from_env, ping, session_scope
+from database import database_url_from_env, ping, run, transaction
 from db_models import ExtractionJob, JobEventRow, JSONDocument, UTCDateTime
 from models import EventType, Job, JobEvent, JobStats, JobStatus, StatusCounts
-from schemas import to_event, to_job, to_row
+from schemas import job_from_row, to_event, to_values
 
 JOBS = ExtractionJob.__table__
 EVENTS = JobEventRow.__table__
@@ -102,13 +118,91 @@ class NewEvent:
         )
 
 
-def job_from_mapping(mapping: Any) -> Job:
-    """A job from a core result row holding every `extraction_job` column."""
-    attributes = {
-        prop.key: mapping[prop.columns[0].name]
-        for prop in ExtractionJob.__mapper__.column_attrs
-    }
-    return to_job(ExtractionJob(**attributes))
+class strictly_after(FunctionElement):
+    """`max(now, earlier + 1 µs)`: a change's timestamp, strictly after the
+    last one whatever the clock says, computed where the row is."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(strictly_after, "postgresql")
+def _strictly_after_postgresql(element, compiler, **kw):
+    now, earlier = list(element.clauses)
+    return (
+        f"GREATEST({compiler.process(now, **kw)}, "
+        f"{compiler.process(earlier, **kw)} + INTERVAL '1 microsecond')"
+    )
+
+
+@compiles(strictly_after, "sqlite")
+def _strictly_after_sqlite(element, compiler, **kw):
+    # A Python function registered on every SQLite connection (database.py).
+    now, earlier = list(element.clauses)
+    return (
+        f"strictly_after({compiler.process(now, **kw)}, "
+        f"{compiler.process(earlier, **kw)})"
+    )
+
+
+# Statements are built once and run with bound parameters: SQLAlchemy then
+# reuses not only the compiled SQL but also what it derives from the
+# statement object itself (the result columns), per request.
+
+
+@cache
+def _by_id() -> Select:
+    return select(JOBS).where(JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+
+
+@cache
+def _by_idempotency_key() -> Select:
+    return select(JOBS).where(
+        func.coalesce(JOBS.c.created_by, "") == bindparam("created_by", type_=String),
+        JOBS.c.idempotency_key == bindparam("key", type_=String),
+    )
+
+
+@cache
+def _insert() -> Insert:
+    return insert(JOBS)
+
+
+@cache
+def _list(by_document: bool, by_status: bool, after: bool) -> Select:
+    query = (
+        select(JOBS)
+        .order_by(JOBS.c.seq)
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=BigInteger))
+    )
+    if by_document:
+        query = query.where(JOBS.c.document_id == bindparam("document_id"))
+    if by_status:
+        query = query.where(JOBS.c.status == bindparam("status"))
+    if after:
+        query = query.where(JOBS.c.seq > bindparam("after_seq", type_=BigInteger))
+    return query
+
+
+def _list_params(
+    document_id: str | None,
+    status: JobStatus | None,
+    limit: int,
+    offset: int,
+    after_seq: int | None = None,
+) -> tuple[Select, dict[str, Any]]:
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    if document_id is not None:
+        params["document_id"] = document_id
+    if status is not None:
+        params["status"] = status.value
+    if after_seq is not None:
+        params["after_seq"] = after_seq
+    statement = _list(
+        document_id is not None, status is not None, after_seq is not None
+    )
+    return statement, params
 
 
 def list_query(
@@ -117,17 +211,10 @@ def list_query(
     limit: int,
     offset: int,
     after_seq: int | None = None,
-) -> Select[tuple[ExtractionJob]]:
-    query = (
-        select(ExtractionJob).order_by(ExtractionJob.seq).limit(limit).offset(offset)
-    )
-    if document_id is not None:
-        query = query.where(ExtractionJob.document_id == document_id)
-    if status is not None:
-        query = query.where(ExtractionJob.status == status.value)
-    if after_seq is not None:
-        query = query.where(ExtractionJob.seq > after_seq)
-    return query
+) -> Select:
+    """The list statement with its values bound (for EXPLAIN and tests)."""
+    statement, params = _list_params(document_id, status, limit, offset, after_seq)
+    return statement.params(**params)
 
 
 def _exhausted(now: datetime) -> Select:
@@ -369,6 +456,156 @@ def claim_statement(
     return select(claimed).add_cte(events)
 
 
+@cache
+def _transition(
+    target: JobStatus,
+    sources: frozenset[JobStatus],
+    finished: bool,
+    with_versions: bool,
+    with_worker: bool,
+    with_result: bool,
+    with_retry: bool,
+    postgres: bool,
+) -> Executable:
+    """Move a job to `target` in one conditional UPDATE … RETURNING, and on
+    PostgreSQL write its event in the same statement.
+
+    It changes the row only if the job is in one of `sources` (or already at
+    `target` with something else to change: the error message, the result,
+    or with `retry_in_seconds` the run_at) and, `with_versions`, at one of the
+    versions If-Match named; `with_worker`, a processing job only if that
+    worker holds it. The row is read as `old` in the same statement, and only
+    updated while still at that version, so the event's `from_status` is
+    exactly the status the change started from.
+    """
+    allowed = sorted(source.value for source in sources)
+    old = JOBS.alias("old")
+    before = (
+        select(
+            old.c.seq.label("old_seq"),
+            old.c.status.label("old_status"),
+            old.c.version.label("old_version"),
+        )
+        .where(old.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+        .subquery("before")
+    )
+    moving = JOBS.c.status != target.value
+    message = bindparam("message", type_=Text)
+    moment = bindparam("moment", type_=UTCDateTime())
+    worker = bindparam("worker", type_=String)
+    actor = bindparam("actor", type_=String)
+    result = bindparam("result", type_=JSONDocument())
+    changed_at = strictly_after(moment, JOBS.c.updated_at)
+    values: dict[str, Any] = {
+        "status": target.value,
+        "error_message": message,
+        "updated_at": changed_at,
+        "finished_at": case(
+            (moving, changed_at if finished else null()),
+            else_=JOBS.c.finished_at,
+        ),
+        "version": JOBS.c.version + 1,
+        "updated_by": actor,
+    }
+    if target == JobStatus.PROCESSING:
+        values["started_at"] = case((moving, changed_at), else_=JOBS.c.started_at)
+        values["attempts"] = JOBS.c.attempts + case((moving, 1), else_=0)
+        # Taken by hand rather than claimed: it still gets a lease.
+        values["lease_expires_at"] = case(
+            (moving, bindparam("lease_until", type_=UTCDateTime())),
+            else_=JOBS.c.lease_expires_at,
+        )
+        values["worker_id"] = case((moving, worker), else_=JOBS.c.worker_id)
+    else:
+        values["lease_expires_at"] = null()
+    if target == JobStatus.COMPLETED:
+        values["result"] = (
+            result if with_result else case((moving, null()), else_=JOBS.c.result)
+        )
+    if target == JobStatus.PENDING:
+        run_at = bindparam("run_at", type_=UTCDateTime())
+        values["run_at"] = (
+            run_at if with_retry else case((moving, moment), else_=JOBS.c.run_at)
+        )
+    something_else = [JOBS.c.error_message.is_distinct_from(message)]
+    if with_result:
+        something_else.append(JOBS.c.result.is_distinct_from(result))
+    if with_retry:
+        something_else.append(true())
+    condition = [
+        JOBS.c.seq == before.c.old_seq,
+        JOBS.c.version == before.c.old_version,
+        or_(
+            JOBS.c.status.in_(allowed),
+            and_(JOBS.c.status == target.value, or_(*something_else)),
+        ),
+    ]
+    if with_versions:
+        condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))
+    if with_worker:
+        condition.append(or_(JOBS.c.status != PROCESSING, JOBS.c.worker_id == worker))
+    if not postgres:
+        # SQLite's RETURNING cannot name the FROM subquery; its caller reads
+        # the old status first, under the same write lock.
+        return update(JOBS).where(*condition).values(values).returning(*JOBS.c)
+    statement = (
+        update(JOBS)
+        .where(*condition)
+        .values(values)
+        .returning(*JOBS.c, before.c.old_status)
+    )
+    changed = statement.cte("changed")
+    kind = case(
+        (changed.c.old_status == target.value, EventType.UPDATED.value),
+        else_=(
+            EventType.RETRIED.value
+            if target == JobStatus.PENDING
+            else EventType.STATUS_CHANGED.value
+        ),
+    )
+    events = (
+        insert(EVENTS)
+        .from_select(
+            EVENT_COLUMNS,
+            select(
+                changed.c.id,
+                changed.c.updated_at,
+                kind,
+                changed.c.old_status,
+                changed.c.status,
+                actor,
+                func.coalesce(worker, changed.c.worker_id),
+                bindparam("detail", type_=JSONDocument()),
+            ),
+        )
+        .returning(EVENTS.c.seq)
+        .cte("events")
+    )
+    return select(changed).add_cte(events)
+
+
+def _transition_event(
+    row: Any, old_status: str, target: JobStatus, params: dict[str, Any]
+) -> dict:
+    """The event of a transition, from its RETURNING row (SQLite's path)."""
+    if old_status == target.value:
+        kind = EventType.UPDATED
+    elif target == JobStatus.PENDING:
+        kind = EventType.RETRIED
+    else:
+        kind = EventType.STATUS_CHANGED
+    return {
+        "job_id": row["id"],
+        "at": row["updated_at"],
+        "type": kind.value,
+        "from_status": old_status,
+        "to_status": row["status"],
+        "actor": params["actor"],
+        "worker_id": params["worker"] or row["worker_id"],
+        "detail": params["detail"],
+    }
+
+
 class IdempotencyKeyTaken(Exception):
     """Another job already holds this caller's idempotency key."""
 
@@ -391,13 +628,19 @@ class SweepOutcome:
 class ExtractionJobRepository:
     def __init__(self, db_url: str | None = None) -> None:
         self.url = db_url or database_url_from_env()
-
-    @property
-    def is_postgres(self) -> bool:
-        return self.url.startswith("postgresql")
+        self.is_postgres = self.url.startswith("postgresql")
 
     def ping(self) -> None:
         ping(self.url)
+
+    def _one(
+        self, statement: Executable, params: dict[str, Any], *, write: bool = False
+    ) -> Job | None:
+        def one(connection: Connection) -> Job | None:
+            row = connection.execute(statement, params).mappings().first()
+            return job_from_row(row) if row is not None else None
+
+        return run(self.url, one, write=write)
 
     def add(
         self,
@@ -405,12 +648,30 @@ class ExtractionJobRepository:
         idempotency_key: str | None = None,
         event: NewEvent | None = None,
     ) -> Job:
+        """One INSERT (with its `created` event, in the same statement on
+        PostgreSQL); a taken idempotency key is `IdempotencyKeyTaken`."""
+        values = to_values(job, idempotency_key)
+
+        def add(connection: Connection) -> None:
+            if event is None:
+                connection.execute(_insert(), values)
+            elif self.is_postgres:
+                new_job = (
+                    insert(JOBS).values(values).returning(JOBS.c.id).cte("new_job")
+                )
+                connection.execute(
+                    insert(EVENTS).from_select(
+                        EVENT_COLUMNS, event.select_from(new_job.c.id, job.created_at)
+                    )
+                )
+            else:
+                connection.execute(_insert(), values)
+                connection.execute(
+                    insert(EVENTS), event.values(values["id"], job.created_at)
+                )
+
         try:
-            with session_scope(self.url, write=True) as session:
-                row = to_row(job, idempotency_key)
-                session.add(row)
-                if event is not None:
-                    session.add(JobEventRow(**event.values(row.id, job.created_at)))
+            run(self.url, add, write=True)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -418,21 +679,11 @@ class ExtractionJobRepository:
         return job
 
     def get(self, job_id: uuid.UUID) -> Job | None:
-        with session_scope(self.url) as session:
-            row = session.scalar(
-                select(ExtractionJob).where(ExtractionJob.id == job_id)
-            )
-            return to_job(row) if row else None
+        return self._one(_by_id(), {"job_id": job_id})
 
     def get_by_idempotency_key(self, created_by: str | None, key: str) -> Job | None:
-        with session_scope(self.url) as session:
-            row = session.scalar(
-                select(ExtractionJob).where(
-                    func.coalesce(ExtractionJob.created_by, "") == (created_by or ""),
-                    ExtractionJob.idempotency_key == key,
-                )
-            )
-            return to_job(row) if row else None
+        params = {"created_by": created_by or "", "key": key}
+        return self._one(_by_idempotency_key(), params)
 
     def list_jobs(
         self,
@@ -445,48 +696,86 @@ class ExtractionJobRepository:
     ) -> tuple[list[Job], int | None, bool]:
         """A page in creation order: the jobs, the last one's `seq`, and
         whether more follow (one row more is read to know)."""
-        query = list_query(document_id, status, limit + 1, offset, after_seq)
-        with session_scope(self.url) as session:
-            rows = list(session.scalars(query))
+        statement, params = _list_params(
+            document_id, status, limit + 1, offset, after_seq
+        )
+
+        def page(connection: Connection) -> list[Any]:
+            return connection.execute(statement, params).mappings().all()
+
+        rows = run(self.url, page)
         more = len(rows) > limit
         rows = rows[:limit]
-        return [to_job(row) for row in rows], (rows[-1].seq if rows else None), more
+        last_seq = rows[-1]["seq"] if rows else None
+        return [job_from_row(row) for row in rows], last_seq, more
 
-    def update(
+    def transition(
         self,
         job_id: uuid.UUID,
-        expected_version: int,
-        event: NewEvent | None = None,
-        **changes: Any,
+        *,
+        target: JobStatus,
+        error_message: str | None,
+        sources: Collection[JobStatus],
+        versions: Collection[int] | None,
+        finished: bool,
+        now: datetime,
+        worker_id: str | None = None,
+        result: dict[str, Any] | None = None,
+        run_at: datetime | None = None,
+        lease_until: datetime | None = None,
+        actor: str | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> Job | None:
-        """Apply `changes` only if the job is still at `expected_version`,
-        writing `event` with them.
+        """Move the job to `target` along the state machine (see _transition),
+        with its event.
 
-        Returns the updated job, or None when the job changed (or vanished)
-        in between, so the caller can decide between retrying and a 412.
+        Returns the job after the move, or None when the conditions refused
+        it; the caller re-reads the job to say why.
         """
-        statement = (
-            update(JOBS)
-            .where(JOBS.c.id == job_id, JOBS.c.version == expected_version)
-            .values(**changes, version=expected_version + 1)
-            .returning(*JOBS.c)
+        params: dict[str, Any] = {
+            "job_id": job_id,
+            "message": error_message,
+            "moment": now,
+            "worker": worker_id,
+            "actor": actor,
+            "detail": detail,
+        }
+        if versions is not None:
+            if not versions:
+                return None  # If-Match named no version of ours: nothing matches
+            params["versions"] = sorted(versions)
+        if target == JobStatus.PROCESSING:
+            params["lease_until"] = lease_until
+        if result is not None:
+            params["result"] = result
+        if run_at is not None:
+            params["run_at"] = run_at
+        statement = _transition(
+            target,
+            frozenset(sources),
+            finished,
+            versions is not None,
+            worker_id is not None,
+            result is not None,
+            run_at is not None,
+            self.is_postgres,
         )
-        at = changes.get("updated_at")
-        with session_scope(self.url, write=True) as session:
-            if self.is_postgres and event is not None:
-                changed = statement.cte("changed")
-                events = (
-                    insert(EVENTS)
-                    .from_select(EVENT_COLUMNS, event.select_from(changed.c.id, at))
-                    .returning(EVENTS.c.seq)
-                    .cte("events")
-                )
-                row = session.execute(select(changed).add_cte(events)).first()
-            else:
-                row = session.execute(statement).first()
-                if row is not None and event is not None:
-                    session.execute(insert(EVENTS).values(event.values(job_id, at)))
-            return job_from_mapping(row._mapping) if row else None
+        if self.is_postgres:
+            return self._one(statement, params, write=True)
+
+        def move(connection: Connection) -> Job | None:
+            old_status = connection.execute(
+                select(JOBS.c.status).where(JOBS.c.id == job_id)
+            ).scalar()
+            row = connection.execute(statement, params).mappings().first()
+            if row is None:
+                return None
+            connection.execute(
+                insert(EVENTS), _transition_event(row, old_status, target, params)
+            )
+            return job_from_row(row)
+
+        return run(self.url, move, write=True)
 
     def heartbeat(
         self,
@@ -507,7 +796,9 @@ class ExtractionJobRepository:
             )
             .values(
                 lease_expires_at=lease_until,
-                updated_at=now,
+                updated_at=strictly_after(
+                    literal(now, UTCDateTime()), JOBS.c.updated_at
+                ),
                 version=JOBS.c.version + 1,
                 updated_by=actor,
             )
@@ -521,7 +812,8 @@ class ExtractionJobRepository:
             worker_id,
             {"lease_expires_at": iso(lease_until)},
         )
-        with session_scope(self.url, write=True) as session:
+
+        def beat(connection: Connection) -> HeartbeatOutcome:
             if self.is_postgres:
                 # One statement: the update, its event, and (from the same
                 # snapshot, so as it was before) the job when nothing changed.
@@ -532,7 +824,7 @@ class ExtractionJobRepository:
                     .returning(EVENTS.c.seq)
                     .cte("events")
                 )
-                before = aliased(JOBS, name="before")
+                before = JOBS.alias("before")
                 query = (
                     select(
                         *changed.c,
@@ -542,24 +834,25 @@ class ExtractionJobRepository:
                     .where(before.c.id == job_id)
                     .add_cte(events)
                 )
-                row = session.execute(query).first()
+                row = connection.execute(query).mappings().first()
                 if row is None:
                     return HeartbeatOutcome(False, None)
-                if row._mapping["seq"] is not None:
-                    return HeartbeatOutcome(True, job_from_mapping(row._mapping))
+                if row["seq"] is not None:
+                    return HeartbeatOutcome(True, job_from_row(row))
                 unprefixed = {
-                    column.name: row._mapping[f"before_{column.name}"]
-                    for column in before.c
+                    column.name: row[f"before_{column.name}"] for column in before.c
                 }
-                return HeartbeatOutcome(False, job_from_mapping(unprefixed))
-            row = session.execute(statement).first()
+                return HeartbeatOutcome(False, job_from_row(unprefixed))
+            row = connection.execute(statement).mappings().first()
             if row is not None:
-                session.execute(insert(EVENTS).values(event.values(job_id, now)))
-                return HeartbeatOutcome(True, job_from_mapping(row._mapping))
-            current = session.scalar(
-                select(ExtractionJob).where(ExtractionJob.id == job_id)
+                connection.execute(insert(EVENTS), event.values(job_id, now))
+                return HeartbeatOutcome(True, job_from_row(row))
+            current = (
+                connection.execute(_by_id(), {"job_id": job_id}).mappings().first()
             )
-            return HeartbeatOutcome(False, to_job(current) if current else None)
+            return HeartbeatOutcome(False, job_from_row(current) if current else None)
+
+        return run(self.url, beat, write=True)
 
     def claim(
         self,
@@ -578,25 +871,27 @@ class ExtractionJobRepository:
         write lock and runs the same steps as several statements in one
         `BEGIN IMMEDIATE` transaction.
         """
-        with session_scope(self.url, write=True) as session:
+
+        def claimed(connection: Connection) -> list[Any]:
             if self.is_postgres:
                 statement = claim_statement(worker_id, limit, now, lease_until, actor)
-                jobs = [
-                    job_from_mapping(row._mapping) for row in session.execute(statement)
-                ]
-            else:
-                self._fail_exhausted(session, now)
-                jobs = self._claim_steps(
-                    session, worker_id, limit, now, lease_until, actor
-                )
-        # RETURNING has no order of its own.
-        order = {job.id: (-job.priority, job.created_at) for job in jobs}
-        return sorted(jobs, key=lambda job: order[job.id])
+                return connection.execute(statement).mappings().all()
+            self._fail_exhausted(connection, now)
+            return self._claim_steps(
+                connection, worker_id, limit, now, lease_until, actor
+            )
 
-    def _fail_exhausted(self, session: Session, now: datetime) -> int:
-        rows = session.execute(_exhausted(now)).all()
+        rows = sorted(
+            run(self.url, claimed, write=True),
+            # RETURNING has no order of its own.
+            key=lambda row: (-row["priority"], row["seq"]),
+        )
+        return [job_from_row(row) for row in rows]
+
+    def _fail_exhausted(self, connection: Connection, now: datetime) -> int:
+        rows = connection.execute(_exhausted(now)).all()
         for row in rows:
-            session.execute(
+            connection.execute(
                 update(JOBS)
                 .where(JOBS.c.seq == row.seq)
                 .values(
@@ -604,7 +899,7 @@ class ExtractionJobRepository:
                 )
             )
         if rows:
-            session.execute(
+            connection.execute(
                 insert(EVENTS),
                 [
                     NewEvent(
@@ -624,30 +919,34 @@ class ExtractionJobRepository:
 
     def _claim_steps(
         self,
-        session: Session,
+        connection: Connection,
         worker_id: str,
         limit: int,
         now: datetime,
         lease_until: datetime,
         actor: str | None,
-    ) -> list[Job]:
+    ) -> list[Any]:
         candidates = [
-            *session.execute(_due(now, limit)).all(),
-            *session.execute(_lapsed(now, limit)).all(),
+            *connection.execute(_due(now, limit)).all(),
+            *connection.execute(_lapsed(now, limit)).all(),
         ]
         picked = sorted(candidates, key=lambda row: (-row.priority, row.seq))[:limit]
         if not picked:
             return []
-        rows = session.execute(
-            update(JOBS)
-            .where(JOBS.c.seq.in_([row.seq for row in picked]))
-            .values(**_claimed_values(worker_id, now, lease_until, actor))
-            .returning(*JOBS.c)
-        ).all()
-        jobs = {row.seq: job_from_mapping(row._mapping) for row in rows}
+        rows = (
+            connection.execute(
+                update(JOBS)
+                .where(JOBS.c.seq.in_([row.seq for row in picked]))
+                .values(**_claimed_values(worker_id, now, lease_until, actor))
+                .returning(*JOBS.c)
+            )
+            .mappings()
+            .all()
+        )
+        by_seq = {row["seq"]: row for row in rows}
         events = []
         for row in picked:
-            job = jobs[row.seq]
+            job = by_seq[row.seq]
             if row.status == PROCESSING:
                 events.append(
                     NewEvent(
@@ -659,7 +958,7 @@ class ExtractionJobRepository:
                         _expiry_detail(
                             row.attempts, row.max_attempts, iso(row.lease_expires_at)
                         ),
-                    ).values(uuid.UUID(job.id), now)
+                    ).values(job["id"], now)
                 )
             events.append(
                 NewEvent(
@@ -668,19 +967,21 @@ class ExtractionJobRepository:
                     JobStatus.PROCESSING,
                     actor,
                     worker_id,
-                    {"attempt": job.attempts, "lease_expires_at": iso(lease_until)},
-                ).values(uuid.UUID(job.id), now)
+                    {"attempt": job["attempts"], "lease_expires_at": iso(lease_until)},
+                ).values(job["id"], now)
             )
-        session.execute(insert(EVENTS), events)
-        return list(jobs.values())
+        connection.execute(insert(EVENTS), events)
+        return rows
 
-    def _release_lapsed(self, session: Session, now: datetime) -> int:
+    def _release_lapsed(self, connection: Connection, now: datetime) -> int:
         """Expired leases with attempts left go back to pending (the sweep's
         part; a claim takes such jobs directly)."""
-        rows = session.execute(_lapsed(now, SWEEP_BATCH)).all()
+        rows = connection.execute(
+            _lapsed(now, SWEEP_BATCH).add_columns(JOBS.c.id)
+        ).all()
         if not rows:
             return 0
-        session.execute(
+        connection.execute(
             update(JOBS)
             .where(JOBS.c.seq.in_([row.seq for row in rows]))
             .values(
@@ -692,14 +993,7 @@ class ExtractionJobRepository:
                 updated_by=None,
             )
         )
-        ids = dict(
-            session.execute(
-                select(JOBS.c.seq, JOBS.c.id).where(
-                    JOBS.c.seq.in_([row.seq for row in rows])
-                )
-            ).all()
-        )
-        session.execute(
+        connection.execute(
             insert(EVENTS),
             [
                 NewEvent(
@@ -711,7 +1005,7 @@ class ExtractionJobRepository:
                     _expiry_detail(
                         row.attempts, row.max_attempts, iso(row.lease_expires_at)
                     ),
-                ).values(ids[row.seq], now)
+                ).values(row.id, now)
                 for row in rows
             ],
         )
@@ -720,16 +1014,16 @@ class ExtractionJobRepository:
     def sweep_leases(self, now: datetime) -> SweepOutcome:
         """One batch of expired leases: exhausted ones fail, the others go
         back to pending; each with its lease_expired event."""
-        with session_scope(self.url, write=True) as session:
-            failed = self._fail_exhausted(session, now)
-            released = self._release_lapsed(session, now)
+        with transaction(self.url) as connection:
+            failed = self._fail_exhausted(connection, now)
+            released = self._release_lapsed(connection, now)
         return SweepOutcome(failed=failed, released=released)
 
     def delete_finished(self, finished_before: datetime) -> int:
         """One bounded batch of retention: completed/failed jobs finished
         before the cutoff, and their events. Returns how many jobs went."""
-        with session_scope(self.url, write=True) as session:
-            rows = session.execute(
+        with transaction(self.url) as connection:
+            rows = connection.execute(
                 select(JOBS.c.seq, JOBS.c.id)
                 .where(
                     JOBS.c.status.in_([COMPLETED, FAILED]),
@@ -741,10 +1035,10 @@ class ExtractionJobRepository:
             ).all()
             if not rows:
                 return 0
-            session.execute(
+            connection.execute(
                 delete(EVENTS).where(EVENTS.c.job_id.in_([row.id for row in rows]))
             )
-            session.execute(
+            connection.execute(
                 delete(JOBS).where(JOBS.c.seq.in_([row.seq for row in rows]))
             )
             return len(rows)
@@ -753,17 +1047,15 @@ class ExtractionJobRepository:
         """The job's history, oldest first; None when there is no such job.
         One query: the job left-joined to its events."""
         query = (
-            select(JOBS.c.id, JobEventRow)
-            .select_from(JOBS)
-            .outerjoin(JobEventRow, JobEventRow.job_id == JOBS.c.id)
+            select(JOBS.c.id.label("the_job"), *EVENTS.c)
+            .select_from(JOBS.outerjoin(EVENTS, EVENTS.c.job_id == JOBS.c.id))
             .where(JOBS.c.id == job_id)
-            .order_by(JobEventRow.seq)
+            .order_by(EVENTS.c.seq)
         )
-        with session_scope(self.url) as session:
-            rows = session.execute(query).all()
+        rows = run(self.url, lambda c: c.execute(query).mappings().all())
         if not rows:
             return None
-        return [to_event(row[1]) for row in rows if row[1] is not None]
+        return [to_event(row) for row in rows if row["seq"] is not None]
 
     def stats(self, now: datetime) -> JobStats:
         """Counts per status, the oldest pending job's age and the expired
@@ -787,8 +1079,7 @@ class ExtractionJobRepository:
             .scalar_subquery(),
             count(JOBS.c.status == PROCESSING, JOBS.c.lease_expires_at <= now),
         )
-        with session_scope(self.url) as session:
-            row = session.execute(query).one()
+        row = run(self.url, lambda c: c.execute(query).one())
         *counts, oldest, expired = row
         return JobStats(
             counts=StatusCounts(**dict(zip(statuses, counts, strict=True))),

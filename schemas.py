@@ -1,13 +1,49 @@
-"""Conversion from ORM rows to the HTTP contract, so no ORM object leaves the repository."""
+"""Conversion between stored rows and the HTTP contract, so no row or ORM
+object leaves the repository.
+
+Rows come from our own table, whose columns and constraints already hold
+what the contract promises, so jobs are built without validating them
+again (`model_construct`); FastAPI then serializes them once.
+"""
 
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
-from db_models import ExtractionJob, JobEventRow
+from db_models import ExtractionJob
 from models import EventType, Job, JobEvent, JobStatus
+
+_construct = Job.model_construct
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """A job from a Core result row (its mapping, keyed by column name)."""
+    return _construct(
+        id=str(row["id"]),
+        document_id=row["document_id"],
+        status=JobStatus(row["status"]),
+        priority=row["priority"],
+        metadata=row["metadata"],
+        error_message=row["error_message"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        created_by=row["created_by"],
+        attempts=row["attempts"],
+        worker_id=row["worker_id"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        version=row["version"],
+        max_attempts=row["max_attempts"],
+        run_at=row["run_at"],
+        lease_expires_at=row["lease_expires_at"],
+        result=row["result"],
+        updated_by=row["updated_by"],
+    )
 
 
 def to_job(row: ExtractionJob) -> Job:
-    return Job(
+    """A job from an ORM object."""
+    return _construct(
         id=str(row.id),
         document_id=row.document_id,
         status=JobStatus(row.status),
@@ -28,6 +64,32 @@ def to_job(row: ExtractionJob) -> Job:
         result=row.result,
         updated_by=row.updated_by,
     )
+
+
+def to_values(job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
+    """The column values (by column name) of a new job's row."""
+    return {
+        "id": uuid.UUID(job.id),
+        "document_id": job.document_id,
+        "status": job.status.value,
+        "priority": job.priority,
+        "metadata": job.metadata,
+        "error_message": job.error_message,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "created_by": job.created_by,
+        "attempts": job.attempts,
+        "worker_id": job.worker_id,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "version": job.version,
+        "idempotency_key": idempotency_key,
+        "max_attempts": job.max_attempts,
+        "run_at": job.run_at,
+        "lease_expires_at": job.lease_expires_at,
+        "result": job.result,
+        "updated_by": job.updated_by,
+    }
 
 
 def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:
@@ -55,13 +117,14 @@ def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:
     )
 
 
-def to_event(row: JobEventRow) -> JobEvent:
+def to_event(row: Mapping[str, Any]) -> JobEvent:
+    """An event from a Core result row of `extraction_job_event`."""
     return JobEvent(
-        at=row.at,
-        type=EventType(row.type),
-        from_status=JobStatus(row.from_status) if row.from_status else None,
-        to_status=JobStatus(row.to_status) if row.to_status else None,
-        actor=row.actor,
-        worker_id=row.worker_id,
-        detail=row.detail,
+        at=row["at"],
+        type=EventType(row["type"]),
+        from_status=JobStatus(row["from_status"]) if row["from_status"] else None,
+        to_status=JobStatus(row["to_status"]) if row["to_status"] else None,
+        actor=row["actor"],
+        worker_id=row["worker_id"],
+        detail=row["detail"],
     )

@@ -49,9 +49,16 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.COMPLETED: frozenset(),
 }
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+# The same machine read backwards: from where each status may be reached.
+SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
+    target: frozenset(
+        source for source, targets in TRANSITIONS.items() if target in targets
+    )
+    for target in JobStatus
+}
 
-# Without If-Match, a PATCH that loses a race re-reads and re-checks the
-# state machine; this bounds how often before it gives up.
+# A PATCH refused by its conditional UPDATE re-reads the job; if the job
+# changed in between, it tries again. This bounds how often.
 MAX_UPDATE_ATTEMPTS = 10
 ONE_MICROSECOND = timedelta(microseconds=1)
 # Deeper than this, an offset scan costs too much: pages go on with `cursor`.
@@ -238,13 +245,12 @@ class JobService:
         created_by: str | None,
         idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
-        """Create a job; returns it and whether it is a replay of an earlier create."""
-        if idempotency_key is not None:
-            earlier = self.repository.get_by_idempotency_key(
-                created_by, idempotency_key
-            )
-            if earlier is not None:
-                return self._replay(earlier, data), True
+        """Create a job; returns it and whether it is a replay of an earlier create.
+
+        The INSERT comes first, so a create is one round trip unless the key
+        was used before; the unique index on (caller, key) decides, also
+        between concurrent requests with the same key.
+        """
         now = self.clock()
         run_at = now if data.run_at is None or data.run_at <= now else data.run_at
         job = Job(
@@ -279,11 +285,12 @@ class JobService:
         try:
             return self.repository.add(job, idempotency_key, event), False
         except IdempotencyKeyTaken:
-            # A concurrent request with the same key won the unique constraint.
-            winner = self.repository.get_by_idempotency_key(created_by, idempotency_key)
-            if winner is None:
+            earlier = self.repository.get_by_idempotency_key(
+                created_by, idempotency_key
+            )
+            if earlier is None:
                 raise
-            return self._replay(winner, data), True
+            return self._replay(earlier, data), True
 
     @staticmethod
     def _replay(earlier: Job, data: JobCreate) -> Job:
@@ -400,13 +407,39 @@ class JobService:
     ) -> Job:
         """Move a job along the state machine.
 
-        `if_match` holds the versions the client accepts (None: any). The write
-        is a compare-and-swap on `version`, so a concurrent change is never
-        overwritten: with If-Match it is a `VersionMismatch`; without, the
-        move is re-checked against the fresh state.
+        `if_match` holds the versions the client accepts (None: any). The move
+        is one conditional UPDATE whose WHERE clause is the state machine (and
+        If-Match), so a concurrent change is never overwritten. Only when it
+        changes nothing is the job read again, to say why: 404, 412, 409, or
+        nothing to change; if it changed in between, the move is tried again
+        against its new state.
         """
         uid = _parse_id(job_id)
+        target = data.status
         for _ in range(MAX_UPDATE_ATTEMPTS):
+            now = self.clock()
+            run_at = (
+                None
+                if data.retry_in_seconds is None
+                else now + timedelta(seconds=data.retry_in_seconds)
+            )
+            updated = self.repository.transition(
+                uid,
+                target=target,
+                error_message=data.error_message,
+                sources=SOURCES[target],
+                versions=if_match,
+                finished=target in FINISHED,
+                now=now,
+                worker_id=data.worker_id,
+                result=data.result,
+                run_at=run_at,
+                lease_until=now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
+                actor=actor,
+                detail=self._detail(data, run_at),
+            )
+            if updated is not None:
+                return updated
             job = self.repository.get(uid)
             if job is None:
                 raise JobNotFound(job_id)
@@ -420,84 +453,31 @@ class JobService:
                 raise NotLeaseHolder(
                     f"The job's lease is held by another worker, not {data.worker_id!r}"
                 )
-            changes = self._changes(job, data)
-            if not changes:
-                return job
-            changes["updated_by"] = actor
-            event = self._event(job, data, changes, actor)
-            updated = self.repository.update(uid, job.version, event, **changes)
-            if updated is not None:
-                return updated
-            if if_match is not None:
-                latest = self.repository.get(uid)
-                if latest is None:
-                    raise JobNotFound(job_id)
-                raise VersionMismatch(latest.version)
+            if target == job.status:
+                if not self._anything_to_change(job, data):
+                    return job
+            elif target not in TRANSITIONS[job.status]:
+                raise InvalidTransition(job.status, target)
         raise UpdateContention()
 
-    def _changes(self, job: Job, data: JobUpdate) -> dict[str, object]:
-        if data.status == job.status:
-            changes: dict[str, object] = {}
-            if data.error_message != job.error_message:
-                changes["error_message"] = data.error_message
-            if data.result is not None and data.result != job.result:
-                changes["result"] = data.result
-            if data.retry_in_seconds is not None:
-                changes["run_at"] = self.clock() + timedelta(
-                    seconds=data.retry_in_seconds
-                )
-            if changes:
-                changes["updated_at"] = self._after(job)
-            return changes
-        if data.status not in TRANSITIONS[job.status]:
-            raise InvalidTransition(job.status, data.status)
-        now = self._after(job)
-        changes = {
-            "status": data.status.value,
-            "error_message": data.error_message,
-            "updated_at": now,
-            "finished_at": now if data.status in FINISHED else None,
-            "lease_expires_at": None,
-        }
-        if data.status == JobStatus.COMPLETED:
-            changes["result"] = data.result
-        if data.status == JobStatus.PENDING:
-            changes["run_at"] = now + timedelta(seconds=data.retry_in_seconds or 0)
-        if data.status == JobStatus.PROCESSING:
-            # Taken by hand rather than claimed: it still gets a lease, so it
-            # cannot be stranded.
-            changes |= {
-                "started_at": now,
-                "attempts": job.attempts + 1,
-                "worker_id": data.worker_id,
-                "lease_expires_at": now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
-            }
-        return changes
+    @staticmethod
+    def _anything_to_change(job: Job, data: JobUpdate) -> bool:
+        """Whether a PATCH to the job's own status still changes something."""
+        return (
+            data.error_message != job.error_message
+            or (data.result is not None and data.result != job.result)
+            or data.retry_in_seconds is not None
+        )
 
     @staticmethod
-    def _event(
-        job: Job, data: JobUpdate, changes: dict[str, object], actor: str | None
-    ) -> NewEvent:
+    def _detail(data: JobUpdate, run_at: datetime | None) -> dict[str, object] | None:
         detail: dict[str, object] = {}
-        if changes.get("error_message") is not None:
-            detail["error_message"] = changes["error_message"]
-        if "run_at" in changes:
-            detail["run_at"] = iso(changes["run_at"])  # type: ignore[arg-type]
-            detail["retry_in_seconds"] = data.retry_in_seconds or 0
-        if data.status == job.status:
-            kind = EventType.UPDATED
-        elif data.status == JobStatus.PENDING:
-            kind = EventType.RETRIED
-        else:
-            kind = EventType.STATUS_CHANGED
-        return NewEvent(
-            kind,
-            job.status,
-            data.status,
-            actor,
-            data.worker_id or job.worker_id,
-            detail or None,
-        )
+        if data.error_message is not None:
+            detail["error_message"] = data.error_message
+        if run_at is not None:
+            detail["run_at"] = iso(run_at)
+            detail["retry_in_seconds"] = data.retry_in_seconds
+        return detail or None
 
     def _after(self, job: Job) -> datetime:
         """Now, but strictly after the job's last change, whatever the clock says."""

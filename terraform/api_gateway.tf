@@ -17,10 +17,11 @@ resource "aws_apigatewayv2_api" "main" {
 }
 
 resource "aws_apigatewayv2_integration" "lambda" {
-  api_id                 = aws_apigatewayv2_api.main.id
-  integration_type       = "AWS_PROXY"
-  integration_method     = "POST"
-  integration_uri        = aws_lambda_function.api.invoke_arn
+  api_id             = aws_apigatewayv2_api.main.id
+  integration_type   = "AWS_PROXY"
+  integration_method = "POST"
+  # Under SnapStart the `live` alias (a published version), else $LATEST.
+  integration_uri        = var.enable_snapstart ? aws_lambda_alias.live[0].invoke_arn : aws_lambda_function.api.invoke_arn
   payload_format_version = "2.0"
 }
 
@@ -75,6 +76,7 @@ resource "aws_lambda_permission" "api_gateway" {
   statement_id  = "AllowInvokeFromHttpApi"
   action        = "lambda:InvokeFunction"
   function_name = aws_lambda_function.api.function_name
+  qualifier     = var.enable_snapstart ? aws_lambda_alias.live[0].name : null
   principal     = "apigateway.amazonaws.com"
   source_arn    = "${aws_apigatewayv2_api.main.execution_arn}/*/*"
 }

@@ -63,6 +63,18 @@ resource "aws_lambda_function" "api" {
 
   reserved_concurrent_executions = var.lambda_reserved_concurrency
 
+  # SnapStart restores published versions from a snapshot of the initialised
+  # environment; the API is then served by the `live` alias (below).
+  publish = var.enable_snapstart
+
+  dynamic "snap_start" {
+    for_each = var.enable_snapstart ? [1] : []
+
+    content {
+      apply_on = "PublishedVersions"
+    }
+  }
+
   vpc_config {
     subnet_ids         = aws_subnet.private[*].id
     security_group_ids = [aws_security_group.lambda.id]
@@ -92,5 +104,22 @@ resource "aws_lambda_function" "api" {
       condition     = !(var.lambda_architecture == "arm64" && var.lambda_runtime == "python3.11")
       error_message = "arm64 needs lambda_runtime python3.12 or newer (build with LAMBDA_PYTHON=3.12 LAMBDA_ARCH=arm64): on python3.11 the PostgreSQL driver cannot load."
     }
+
+    # Lambda offers SnapStart for Python from python3.12 on.
+    precondition {
+      condition     = !(var.enable_snapstart && var.lambda_runtime == "python3.11")
+      error_message = "enable_snapstart needs lambda_runtime python3.12 or newer (build with LAMBDA_PYTHON=3.12): Lambda has no SnapStart for python3.11."
+    }
   }
+}
+
+# With SnapStart, the API invokes this alias, which always points at the
+# version published by the last apply (and so at its snapshot).
+resource "aws_lambda_alias" "live" {
+  count = var.enable_snapstart ? 1 : 0
+
+  name             = "live"
+  description      = "The published version the HTTP API invokes (SnapStart)"
+  function_name    = aws_lambda_function.api.function_name
+  function_version = aws_lambda_function.api.version
 }

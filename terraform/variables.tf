@@ -296,3 +296,15 @@ variable "job_retention_days" {
     error_message = "job_retention_days must be null or a whole number of days from 1 to 36500."
   }
 }
+
+variable "enable_snapstart" {
+  type        = bool
+  description = "Lambda SnapStart: publish a version on every apply, snapshot its initialised environment, and point the HTTP API at the `live` alias of it. Needs lambda_runtime python3.12 or newer (refused at plan time on python3.11). Cold starts then restore the snapshot instead of importing the app."
+  default     = false
+  nullable    = false
+
+  validation {
+    condition     = contains([true, false], var.enable_snapstart)
+    error_message = "enable_snapstart must be true or false."
+  }
+}

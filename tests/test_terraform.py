@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from terraform_emulator import (
+    assert_api_invokes_the_snapstart_alias,
     assert_function_wired_to_private_network_and_database,
     assert_network_isolation,
     assert_sweep_schedule_invokes_the_function,
     leftovers,
     state_values,
     unexpected_changes,
+    unexpected_changes_under_snapstart,
 )
 from terraform_helpers import (
     CLI_CONFIG_SCRIPT,
@@ -430,6 +432,45 @@ def test_arm64_on_python311_is_refused(planner: Terraform) -> None:
     )
 
 
+def test_snapstart_on_python311_is_refused(planner: Terraform) -> None:
+    result = planner.run("plan", "-var", "enable_snapstart=true", expect_success=False)
+    assert result.returncode == 1
+    assert "enable_snapstart needs lambda_runtime python3.12 or newer" in " ".join(
+        result.stderr.split()
+    )
+
+
+def test_snapstart_publishes_a_version_and_the_api_invokes_its_alias(
+    planner: Terraform, resources: dict
+) -> None:
+    assert resources["aws_lambda_function.api"]["publish"] is False
+    assert resources["aws_lambda_function.api"]["snap_start"] == []
+    assert "aws_lambda_alias.live[0]" not in resources
+    assert resources["aws_lambda_permission.api_gateway"].get("qualifier") is None
+
+    planner.run(
+        "plan",
+        "-var",
+        "enable_snapstart=true",
+        "-var",
+        "lambda_runtime=python3.12",
+        "-out=snapstart.tfplan",
+    )
+    plan = planner.show_json("snapstart.tfplan")
+    snapstart = planned_resources(plan)
+    function = snapstart["aws_lambda_function.api"]
+    assert function["publish"] is True
+    assert function["snap_start"] == [{"apply_on": "PublishedVersions"}]
+    assert snapstart["aws_lambda_alias.live[0]"]["name"] == "live"
+    assert "aws_lambda_function.api.version" in references(
+        plan, "aws_lambda_alias.live", "function_version"
+    )
+    assert "aws_lambda_alias.live" in " ".join(
+        references(plan, "aws_apigatewayv2_integration.lambda", "integration_uri")
+    )
+    assert snapstart["aws_lambda_permission.api_gateway"]["qualifier"] == "live"
+
+
 # --- apply -> re-plan -> destroy -------------------------------------------------
 
 
@@ -455,6 +496,21 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
 
         terraform.run("plan", "-out=replan.tfplan")
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []
+
+        # The SnapStart toggle, on the running deployment.
+        snapstart = (
+            "-var",
+            "enable_snapstart=true",
+            "-var",
+            "lambda_runtime=python3.12",
+        )
+        terraform.run("apply", "-auto-approve", *snapstart)
+        assert_api_invokes_the_snapstart_alias(
+            moto_endpoint, state_values(terraform.show_json())
+        )
+        terraform.run("plan", "-out=snapstart-replan.tfplan", *snapstart)
+        replan = terraform.show_json("snapstart-replan.tfplan")
+        assert unexpected_changes_under_snapstart(replan) == []
     finally:
         terraform.run("destroy", "-auto-approve")
 

@@ -1,0 +1,342 @@
+"""Round trips per request, counted by PostgreSQL itself.
+
+Each statement the server receives is one round trip (psycopg2 speaks the
+simple query protocol). A database of its own, `<test database>_rt`, logs
+every statement (`ALTER DATABASE … SET log_statement = 'all'`); the test reads
+the server's log through the server (`pg_read_file`), from where it ended
+before the request, and counts that database's statements. No client-side
+hook is trusted: a BEGIN, COMMIT or pre-ping sent by any layer is counted.
+"""
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import pytest
+from conftest import TEST_DATABASE_URL, require
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+import database
+from main import create_app
+
+
+@dataclass
+class StatementLog:
+    """The server log, read through an admin connection to another database."""
+
+    admin: "psycopg2.extensions.connection"
+    path: str
+    database: str
+
+    def end(self) -> int:
+        with self.admin.cursor() as cursor:
+            cursor.execute("SELECT size FROM pg_stat_file(%s)", (self.path,))
+            return cursor.fetchone()[0]
+
+    def statements_since(self, offset: int) -> list[str]:
+        with self.admin.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_read_file(%s, %s, %s)",
+                (self.path, offset, self.end() - offset),
+            )
+            text = cursor.fetchone()[0]
+        pattern = re.compile(
+            rf"@{re.escape(self.database)} LOG:  (?:statement|execute [^:]*): (.*)"
+        )
+        return [match[1] for match in pattern.finditer(text)]
+
+
+def _server_log_path(admin) -> str | None:
+    """The file the server logs to: the collector's current file, else the
+    backend's own stderr (how pg_ctlcluster and most packages start it)."""
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT pg_current_logfile()")
+        current = cursor.fetchone()[0]
+        if current:
+            return current
+        try:
+            cursor.execute("SELECT size FROM pg_stat_file('/proc/self/fd/2')")
+            cursor.fetchone()
+        except psycopg2.Error:
+            return None
+        return "/proc/self/fd/2"
+
+
+@pytest.fixture(scope="module")
+def statement_log() -> Iterator[tuple[str, StatementLog]]:
+    require(bool(TEST_DATABASE_URL), "TEST_DATABASE_URL is not set")
+    base = make_url(database.normalize_url(TEST_DATABASE_URL))
+    name = f"{base.database}_rt"
+    admin = psycopg2.connect(TEST_DATABASE_URL)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        superuser = cursor.fetchone()[0]
+    require(superuser, "counting statements needs a superuser to read the log")
+    path = _server_log_path(admin)
+    require(path is not None, "the server log is not readable through the server")
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+        cursor.execute(f"ALTER DATABASE \"{name}\" SET log_statement = 'all'")
+    url = base.set(database=name).render_as_string(hide_password=False)
+    database.upgrade_schema(url)
+    yield url, StatementLog(admin, path, name)
+    database.reset_engines()
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def counted(statement_log, monkeypatch) -> Callable[..., tuple[TestClient, Callable]]:
+    """A fresh app on the logged database, and `count(request)` giving the
+    request's response and the statements the server received for it."""
+    url, log = statement_log
+
+    def start(**env: str) -> tuple[TestClient, Callable]:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("DATABASE_URL", url)
+        database.reset_engines()
+        client = TestClient(create_app())
+        assert client.get("/health").status_code == 200  # tables made, pool warm
+
+        def count(request: Callable[[], object]) -> tuple[object, list[str]]:
+            offset = log.end()
+            response = request()
+            return response, log.statements_since(offset)
+
+        return client, count
+
+    yield start
+    database.reset_engines()
+
+
+def _job(client: TestClient, **fields) -> dict:
+    response = client.post("/extraction-jobs", json={"document_id": "rt", **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_every_request_type_is_one_round_trip(counted):
+    client, count = counted()
+    created, sent = count(
+        lambda: client.post("/extraction-jobs", json={"document_id": "rt"})
+    )
+    assert created.status_code == 201
+    # The INSERT and its `created` event: one statement of data-modifying CTEs.
+    assert len(sent) == 1 and sent[0].startswith("WITH new_job AS"), sent
+    job = created.json()
+
+    keyed, sent = count(
+        lambda: client.post(
+            "/extraction-jobs",
+            json={"document_id": "rt"},
+            headers={"Idempotency-Key": f"key-{uuid.uuid4()}"},
+        )
+    )
+    assert keyed.status_code == 201
+    assert len(sent) == 1, sent
+
+    fetched, sent = count(lambda: client.get(f"/extraction-jobs/{job['id']}"))
+    assert fetched.json() == job
+    assert len(sent) == 1 and sent[0].startswith("SELECT"), sent
+
+    for _ in range(50):
+        _job(client)
+    listed, sent = count(lambda: client.get("/extraction-jobs", params={"limit": 50}))
+    assert len(listed.json()) == 50
+    assert len(sent) == 1, sent
+
+    claimed, sent = count(
+        lambda: client.post(
+            "/extraction-jobs/claim", json={"worker_id": "w", "limit": 3}
+        )
+    )
+    assert len(claimed.json()) == 3
+    assert len(sent) == 1, sent
+
+    health, sent = count(lambda: client.get("/health"))
+    assert health.status_code == 200
+    assert sent == ["SELECT 1"]
+
+    missing, sent = count(lambda: client.get(f"/extraction-jobs/{uuid.uuid4()}"))
+    assert missing.status_code == 404
+    assert len(sent) == 1, sent
+
+
+def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
+    client, count = counted()
+    job = _job(client)
+    url = f"/extraction-jobs/{job['id']}"
+
+    moved, sent = count(lambda: client.patch(url, json={"status": "processing"}))
+    assert (moved.status_code, moved.json()["attempts"]) == (200, 1)
+    # The conditional UPDATE and its event: one statement.
+    assert len(sent) == 1 and sent[0].startswith("WITH changed AS"), sent
+
+    message, sent = count(
+        lambda: client.patch(url, json={"status": "processing", "error_message": "x"})
+    )
+    assert message.json()["error_message"] == "x"
+    assert len(sent) == 1, sent
+
+    matched, sent = count(
+        lambda: client.patch(
+            url,
+            json={"status": "completed"},
+            headers={"If-Match": message.headers["etag"]},
+        )
+    )
+    assert matched.status_code == 200, matched.text
+    assert len(sent) == 1, sent
+
+    for body, headers, status in [
+        ({"status": "pending"}, {}, 409),  # completed is final
+        ({"status": "completed"}, {}, 200),  # already so: nothing to change
+        ({"status": "failed"}, {"If-Match": '"1"'}, 412),
+    ]:
+        response, sent = count(
+            lambda body=body, headers=headers: client.patch(
+                url, json=body, headers=headers
+            )
+        )
+        assert response.status_code == status, response.text
+        assert len(sent) == 2, sent
+
+    missing, sent = count(
+        lambda: client.patch(
+            f"/extraction-jobs/{uuid.uuid4()}", json={"status": "failed"}
+        )
+    )
+    assert missing.status_code == 404
+    assert len(sent) == 2, sent
+
+
+def test_replaying_an_idempotent_create_reads_the_earlier_job(counted):
+    client, count = counted()
+    headers = {"Idempotency-Key": "replayed"}
+    first = client.post("/extraction-jobs", json={"document_id": "rt"}, headers=headers)
+    again, sent = count(
+        lambda: client.post(
+            "/extraction-jobs", json={"document_id": "rt"}, headers=headers
+        )
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert len(sent) == 2, sent
+
+
+def test_pooled_connection_is_pinged_only_after_idling(counted):
+    client, count = counted()  # default: 30 s idle
+    job = _job(client)
+    _, sent = count(lambda: client.get(f"/extraction-jobs/{job['id']}"))
+    assert "SELECT 1" not in sent
+
+    client, count = counted(DB_PING_AFTER_IDLE_S="0")
+    _, sent = count(lambda: client.get(f"/extraction-jobs/{job['id']}"))
+    assert sent[0] == "SELECT 1" and len(sent) == 2, sent
+
+
+def test_fresh_connection_is_never_pinged(statement_log, monkeypatch):
+    url, log = statement_log
+    monkeypatch.setenv("DB_PING_AFTER_IDLE_S", "0")
+    database.reset_engines()  # a pool with no connection in it yet
+    database._database(url).schema_ready = True  # so nothing else connects first
+
+    def select_2() -> None:
+        database.run(url, lambda connection: connection.exec_driver_sql("SELECT 2"))
+
+    offset = log.end()
+    select_2()
+    sent = log.statements_since(offset)
+    assert sent[-1] == "SELECT 2" and "SELECT 1" not in sent, sent
+    offset = log.end()
+    select_2()  # now pooled, and idle for longer than 0 s
+    assert log.statements_since(offset) == ["SELECT 1", "SELECT 2"]
+    database.reset_engines()
+
+
+def _terminate_app_connections(log: StatementLog) -> int:
+    with log.admin.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (log.database,),
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("ping_after_idle_s", ["30", "0"])
+def test_a_dead_pooled_connection_is_replaced_and_the_request_succeeds(
+    counted, statement_log, ping_after_idle_s
+):
+    """As after a database restart or failover, or a SnapStart restore:
+    found dead by the idle check (0 s) or by the statement itself (30 s)."""
+    _, log = statement_log
+    client, _ = counted(DB_PING_AFTER_IDLE_S=ping_after_idle_s)
+    job = _job(client)
+    assert _terminate_app_connections(log) >= 1
+    for request in (
+        lambda: client.get(f"/extraction-jobs/{job['id']}"),
+        lambda: client.post("/extraction-jobs", json={"document_id": "after"}),
+        lambda: client.get("/health"),
+    ):
+        assert request().status_code in (200, 201)
+    assert _terminate_app_connections(log) >= 1
+    moved = client.patch(f"/extraction-jobs/{job['id']}", json={"status": "failed"})
+    assert moved.status_code == 200, moved.text
+
+
+def test_dropping_pooled_connections_after_a_restore_talks_to_no_one(counted):
+    client, count = counted()
+    _, sent = count(database.drop_pooled_connections)
+    assert sent == []
+    assert client.get("/extraction-jobs").status_code == 200
+
+
+def test_a_multi_statement_write_keeps_one_transaction(counted, statement_log):
+    url, _ = statement_log
+    _, count = counted()
+
+    def two_statements() -> None:
+        with database.transaction(url) as connection:
+            connection.exec_driver_sql("SELECT 1")
+            connection.exec_driver_sql("SELECT 2")
+
+    _, sent = count(two_statements)
+    assert sent == ["BEGIN", "SELECT 1", "SELECT 2", "COMMIT"]
+
+
+def test_lease_history_stats_and_cursor_requests_are_one_round_trip_each(counted):
+    client, count = counted()
+    for _ in range(3):
+        _job(client)
+    claimed, sent = count(
+        lambda: client.post(
+            "/extraction-jobs/claim", json={"worker_id": "w", "lease_seconds": 60}
+        )
+    )
+    [job] = claimed.json()
+    assert len(sent) == 1, sent  # sweep, claim and events in one statement
+    for request in (
+        lambda: client.post(
+            f"/extraction-jobs/{job['id']}/heartbeat", json={"worker_id": "w"}
+        ),
+        lambda: client.post(
+            f"/extraction-jobs/{job['id']}/heartbeat", json={"worker_id": "other"}
+        ),
+        lambda: client.get(f"/extraction-jobs/{job['id']}/events"),
+        lambda: client.get("/extraction-jobs/stats"),
+    ):
+        response, sent = count(request)
+        assert response.status_code in (200, 409), response.text
+        assert len(sent) == 1, sent
+    first = client.get("/extraction-jobs", params={"limit": 1})
+    page, sent = count(lambda: client.get(first.headers["Link"][1:].split(">")[0]))
+    assert page.status_code == 200 and len(page.json()) == 1
+    assert len(sent) == 1, sent

@@ -330,12 +330,8 @@ def _claimed_values(
     }
 
 
-def claim_statement(
-    worker_id: str,
-    limit: int,
-    now: datetime,
-    lease_until: datetime,
-    actor: str | None,
+def _claim_pg(
+    worker_id: Any, limit: Any, now: Any, lease_until: Any, lease_text: Any, actor: Any
 ) -> Select:
     """PostgreSQL: the sweep, the claim and their events in ONE statement.
 
@@ -387,7 +383,7 @@ def claim_statement(
         .returning(*JOBS.c)
         .cte("claimed")
     )
-    at = cast(literal(now, UTCDateTime()), UTCDateTime())
+    at = cast(now, UTCDateTime())
 
     def event(order: int, *columns: Any) -> Select:
         return select(literal(order).label("ord"), *columns)
@@ -435,10 +431,10 @@ def claim_statement(
         literal(EventType.CLAIMED.value),
         literal(PENDING),
         literal(PROCESSING),
-        literal(actor),
-        literal(worker_id),
+        actor,
+        worker_id,
         func.jsonb_build_object(
-            "attempt", claimed.c.attempts, "lease_expires_at", iso(lease_until)
+            "attempt", claimed.c.attempts, "lease_expires_at", lease_text
         ),
     )
     events_union = union_all(
@@ -454,6 +450,43 @@ def claim_statement(
         .cte("events")
     )
     return select(claimed).add_cte(events)
+
+
+@cache
+def _claim() -> Select:
+    """The claim statement, built once and run with bound parameters."""
+    return _claim_pg(
+        bindparam("claimer", type_=String),
+        bindparam("limit", type_=Integer),
+        bindparam("moment", type_=UTCDateTime()),
+        bindparam("lease_until", type_=UTCDateTime()),
+        bindparam("lease_text", type_=String),
+        bindparam("actor", type_=String),
+    )
+
+
+def _claim_params(
+    worker_id: str, limit: int, now: datetime, lease_until: datetime, actor: str | None
+) -> dict[str, Any]:
+    return {
+        "claimer": worker_id,
+        "limit": limit,
+        "moment": now,
+        "lease_until": lease_until,
+        "lease_text": iso(lease_until),
+        "actor": actor,
+    }
+
+
+def claim_statement(
+    worker_id: str,
+    limit: int,
+    now: datetime,
+    lease_until: datetime,
+    actor: str | None,
+) -> Select:
+    """The claim statement with its values bound (for EXPLAIN and benchmarks)."""
+    return _claim().params(**_claim_params(worker_id, limit, now, lease_until, actor))
 
 
 @cache
@@ -874,8 +907,8 @@ class ExtractionJobRepository:
 
         def claimed(connection: Connection) -> list[Any]:
             if self.is_postgres:
-                statement = claim_statement(worker_id, limit, now, lease_until, actor)
-                return connection.execute(statement).mappings().all()
+                params = _claim_params(worker_id, limit, now, lease_until, actor)
+                return connection.execute(_claim(), params).mappings().all()
             self._fail_exhausted(connection, now)
             return self._claim_steps(
                 connection, worker_id, limit, now, lease_until, actor

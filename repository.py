@@ -27,6 +27,7 @@ from sqlalchemy import (
     Select,
     String,
     Text,
+    Update,
     and_,
     bindparam,
     case,
@@ -639,6 +640,91 @@ def _transition_event(
     }
 
 
+@cache
+def _add_with_event() -> Insert:
+    """PostgreSQL: the INSERT and its `created` event in one statement."""
+    new_job = (
+        insert(JOBS)
+        .values(
+            {
+                column.name: bindparam(column.name, type_=column.type)
+                for column in JOBS.c
+                if column.name != "seq"
+            }
+        )
+        .returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.created_by)
+        .cte("new_job")
+    )
+    return insert(EVENTS).from_select(
+        EVENT_COLUMNS,
+        select(
+            new_job.c.id,
+            new_job.c.created_at,
+            literal(EventType.CREATED.value),
+            null(),
+            literal(PENDING),
+            new_job.c.created_by,
+            null(),
+            bindparam("detail", type_=JSONDocument()),
+        ),
+    )
+
+
+def _heartbeat_update() -> Update:
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type),
+            JOBS.c.status == PROCESSING,
+            JOBS.c.worker_id == bindparam("worker", type_=String),
+        )
+        .values(
+            lease_expires_at=bindparam("lease_until", type_=UTCDateTime()),
+            updated_at=strictly_after(
+                bindparam("moment", type_=UTCDateTime()), JOBS.c.updated_at
+            ),
+            version=JOBS.c.version + 1,
+            updated_by=bindparam("actor", type_=String),
+        )
+        .returning(*JOBS.c)
+    )
+
+
+@cache
+def _heartbeat() -> Select:
+    """PostgreSQL, one statement: the update, its event, and (from the same
+    snapshot, so as it was before) the job when nothing changed."""
+    changed = _heartbeat_update().cte("changed")
+    events = (
+        insert(EVENTS)
+        .from_select(
+            EVENT_COLUMNS,
+            select(
+                changed.c.id,
+                changed.c.updated_at,
+                literal(EventType.HEARTBEAT.value),
+                literal(PROCESSING),
+                literal(PROCESSING),
+                changed.c.updated_by,
+                changed.c.worker_id,
+                bindparam("detail", type_=JSONDocument()),
+            ),
+        )
+        .returning(EVENTS.c.seq)
+        .cte("events")
+    )
+    before = JOBS.alias("before")
+    return (
+        select(
+            *changed.c,
+            *[column.label(f"before_{column.name}") for column in before.c],
+        )
+        .select_from(before.outerjoin(changed, true()))
+        .where(before.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+        .add_cte(events)
+    )
+
+
 class IdempotencyKeyTaken(Exception):
     """Another job already holds this caller's idempotency key."""
 
@@ -689,13 +775,8 @@ class ExtractionJobRepository:
             if event is None:
                 connection.execute(_insert(), values)
             elif self.is_postgres:
-                new_job = (
-                    insert(JOBS).values(values).returning(JOBS.c.id).cte("new_job")
-                )
                 connection.execute(
-                    insert(EVENTS).from_select(
-                        EVENT_COLUMNS, event.select_from(new_job.c.id, job.created_at)
-                    )
+                    _add_with_event(), {**values, "detail": event.detail}
                 )
             else:
                 connection.execute(_insert(), values)
@@ -820,69 +901,41 @@ class ExtractionJobRepository:
         actor: str | None,
     ) -> HeartbeatOutcome:
         """Extend the lease of a processing job held by `worker_id`."""
-        statement = (
-            update(JOBS)
-            .where(
-                JOBS.c.id == job_id,
-                JOBS.c.status == PROCESSING,
-                JOBS.c.worker_id == worker_id,
-            )
-            .values(
-                lease_expires_at=lease_until,
-                updated_at=strictly_after(
-                    literal(now, UTCDateTime()), JOBS.c.updated_at
-                ),
-                version=JOBS.c.version + 1,
-                updated_by=actor,
-            )
-            .returning(*JOBS.c)
-        )
-        event = NewEvent(
-            EventType.HEARTBEAT,
-            JobStatus.PROCESSING,
-            JobStatus.PROCESSING,
-            actor,
-            worker_id,
-            {"lease_expires_at": iso(lease_until)},
-        )
+        params = {
+            "job_id": job_id,
+            "worker": worker_id,
+            "moment": now,
+            "lease_until": lease_until,
+            "actor": actor,
+            "detail": {"lease_expires_at": iso(lease_until)},
+        }
 
         def beat(connection: Connection) -> HeartbeatOutcome:
             if self.is_postgres:
-                # One statement: the update, its event, and (from the same
-                # snapshot, so as it was before) the job when nothing changed.
-                changed = statement.cte("changed")
-                events = (
-                    insert(EVENTS)
-                    .from_select(EVENT_COLUMNS, event.select_from(changed.c.id, now))
-                    .returning(EVENTS.c.seq)
-                    .cte("events")
-                )
-                before = JOBS.alias("before")
-                query = (
-                    select(
-                        *changed.c,
-                        *[column.label(f"before_{column.name}") for column in before.c],
-                    )
-                    .select_from(before.outerjoin(changed, true()))
-                    .where(before.c.id == job_id)
-                    .add_cte(events)
-                )
-                row = connection.execute(query).mappings().first()
+                row = connection.execute(_heartbeat(), params).mappings().first()
                 if row is None:
                     return HeartbeatOutcome(False, None)
                 if row["seq"] is not None:
                     return HeartbeatOutcome(True, job_from_row(row))
-                unprefixed = {
-                    column.name: row[f"before_{column.name}"] for column in before.c
+                before = {
+                    column.name: row[f"before_{column.name}"] for column in JOBS.c
                 }
-                return HeartbeatOutcome(False, job_from_row(unprefixed))
-            row = connection.execute(statement).mappings().first()
+                return HeartbeatOutcome(False, job_from_row(before))
+            row = connection.execute(_heartbeat_update(), params).mappings().first()
             if row is not None:
-                connection.execute(insert(EVENTS), event.values(job_id, now))
+                event = NewEvent(
+                    EventType.HEARTBEAT,
+                    JobStatus.PROCESSING,
+                    JobStatus.PROCESSING,
+                    actor,
+                    worker_id,
+                    params["detail"],
+                )
+                connection.execute(
+                    insert(EVENTS), event.values(job_id, row["updated_at"])
+                )
                 return HeartbeatOutcome(True, job_from_row(row))
-            current = (
-                connection.execute(_by_id(), {"job_id": job_id}).mappings().first()
-            )
+            current = connection.execute(_by_id(), params).mappings().first()
             return HeartbeatOutcome(False, job_from_row(current) if current else None)
 
         return run(self.url, beat, write=True)

@@ -71,6 +71,8 @@ SWEEP_BATCH = 100
 # Finished jobs deleted per retention transaction, and transactions per sweep.
 RETENTION_BATCH = 500
 MAX_RETENTION_BATCHES = 20
+# pg_advisory_xact_lock key that orders creates (see _add_with_event).
+CREATE_LOCK_ID = 0x45585431  # "EXT1"; migrations use "EXTR"
 
 PENDING = JobStatus.PENDING.value
 PROCESSING = JobStatus.PROCESSING.value
@@ -643,14 +645,20 @@ def _transition_event(
 @cache
 def _add_with_event() -> Insert:
     """PostgreSQL: the INSERT and its `created` event in one statement."""
+    # Creates take their place in line before their `seq`, and keep it until
+    # they commit: so `seq` order is commit order, and a cursor walk (a keyset
+    # on `seq`) can never pass a job that commits later with a smaller one.
+    in_line = select(func.pg_advisory_xact_lock(CREATE_LOCK_ID).label("in_line")).cte(
+        "in_line"
+    )
+    columns = [column for column in JOBS.c if column.name != "seq"]
     new_job = (
         insert(JOBS)
-        .values(
-            {
-                column.name: bindparam(column.name, type_=column.type)
-                for column in JOBS.c
-                if column.name != "seq"
-            }
+        .from_select(
+            [column.name for column in columns],
+            select(
+                *[bindparam(column.name, type_=column.type) for column in columns]
+            ).select_from(in_line),
         )
         .returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.created_by)
         .cte("new_job")

@@ -9,14 +9,17 @@ import base64
 import threading
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import backend_url
 from fastapi.testclient import TestClient
 
+import database
 import lambda_handler
 from main import create_app
+from repository import CREATE_LOCK_ID
 
 
 class Clock:
@@ -913,3 +916,21 @@ def test_idempotent_create_with_a_future_run_at_replays(client, clock):
     again = client.post("/extraction-jobs", json=body, headers=headers)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["id"] == first["id"]
+
+
+def test_postgres_creates_wait_in_line_so_seq_order_is_commit_order(monkeypatch):
+    """A create takes CREATE_LOCK_ID before its `seq` and holds it until it
+    commits, so no job can commit behind a later one's cursor position."""
+    url = backend_url("postgresql", None)
+    monkeypatch.setenv("DATABASE_URL", url)
+    client = TestClient(create_app())
+    engine = database.get_engine(url)
+    with engine.connect() as holder:
+        holder.exec_driver_sql(f"SELECT pg_advisory_lock({CREATE_LOCK_ID})")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(create, client, "in-line")
+            done, _ = wait([pending], timeout=0.5)
+            assert not done  # waiting in line behind the holder
+            holder.exec_driver_sql(f"SELECT pg_advisory_unlock({CREATE_LOCK_ID})")
+            assert pending.result(timeout=10)["document_id"] == "in-line"
+        holder.rollback()

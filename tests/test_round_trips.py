@@ -129,7 +129,7 @@ def test_every_request_type_is_one_round_trip(counted):
     )
     assert created.status_code == 201
     # The INSERT and its `created` event: one statement of data-modifying CTEs.
-    assert len(sent) == 1 and sent[0].startswith("WITH new_job AS"), sent
+    assert len(sent) == 1 and sent[0].startswith("WITH in_line AS"), sent
     job = created.json()
 
     keyed, sent = count(

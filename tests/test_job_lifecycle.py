@@ -934,3 +934,35 @@ def test_postgres_creates_wait_in_line_so_seq_order_is_commit_order(monkeypatch)
             holder.exec_driver_sql(f"SELECT pg_advisory_unlock({CREATE_LOCK_ID})")
             assert pending.result(timeout=10)["document_id"] == "in-line"
         holder.rollback()
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RETENTION_DAYS", "0"),
+        ("RETENTION_DAYS", "seven"),
+        ("RETENTION_DAYS", "1.5"),
+        ("RETENTION_DAYS", "-3"),
+        ("CURSOR_SECRET", "too-short"),
+    ],
+)
+def test_bad_lifecycle_configuration_refuses_to_start(
+    name, value, tmp_path, monkeypatch
+):
+    from service import InvalidConfiguration
+
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidConfiguration, match=name):
+        create_app()
+
+
+def test_retention_days_reaches_the_service(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
+    monkeypatch.setenv("RETENTION_DAYS", "30")
+    assert create_app().state.service.retention_days == 30
+    monkeypatch.setenv("RETENTION_DAYS", "")
+    assert create_app().state.service.retention_days is None

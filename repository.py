@@ -107,19 +107,6 @@ class NewEvent:
             "detail": self.detail,
         }
 
-    def select_from(self, job_id_column: Any, at: datetime) -> Select:
-        """This event as a one-row SELECT per row of the CTE `job_id_column` is in."""
-        return select(
-            job_id_column,
-            cast(literal(at, UTCDateTime()), UTCDateTime()),
-            literal(self.type.value),
-            literal(self.from_status.value if self.from_status else None),
-            literal(self.to_status.value if self.to_status else None),
-            literal(self.actor),
-            literal(self.worker_id),
-            literal(self.detail, JSONDocument) if self.detail else null(),
-        )
-
 
 class strictly_after(FunctionElement):
     """`max(now, earlier + 1 µs)`: a change's timestamp, strictly after the

@@ -178,7 +178,37 @@ def _postgres_engine(url: str) -> Engine:
     _ping_after_idle(
         engine, _env_float("DB_PING_AFTER_IDLE_S", DEFAULT_PING_AFTER_IDLE_S)
     )
+    if os.environ.get("DB_IAM_AUTH", "").strip() == "1":
+        use_iam_auth(engine)
     return engine
+
+
+def use_iam_auth(engine: Engine) -> None:
+    """IAM database authentication (`DB_IAM_AUTH=1`, on AWS): every new
+    connection signs a fresh 15-minute token for its host, port and user with
+    the function's own credentials, and passes it as the password, so the
+    URL holds none. botocore comes with the Lambda runtime; it is imported
+    here only, so SQLite and password connections never load it."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = os.environ.get("AWS_REGION", "").strip() or session.get_config_variable(
+        "region"
+    )
+    if not region:
+        raise InvalidDatabaseURL("DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)")
+    signer = session.create_client("rds", region_name=region)
+    # The token is the signature; botocore's signer logs signatures at DEBUG.
+    logging.getLogger("botocore.auth").setLevel(logging.INFO)
+
+    @event.listens_for(engine, "do_connect")
+    def _sign_token(_dialect, _record, _cargs, cparams):
+        cparams["password"] = signer.generate_db_auth_token(
+            DBHostname=cparams["host"],
+            Port=int(cparams.get("port") or 5432),
+            DBUsername=cparams["user"],
+            Region=region,
+        )
 
 
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DATETIME on SQLite

@@ -81,3 +81,12 @@ def handler(event, context):
     if isinstance(event, dict) and event.get("task") == SWEEP_EVENT["task"]:
         return run_sweep(app)
     return http_handler(event, context)
+
+
+def migrate(event, context):
+    """The migration function's entry point (terraform/migrations.tf): runs
+    `alembic upgrade head` and grants the application role (migration.py).
+    An error is raised, so the invocation, and `terraform apply`, fail with it."""
+    import migration
+
+    return migration.run()

@@ -155,7 +155,8 @@ def _by_idempotency_key() -> Select:
 
 @cache
 def _insert() -> Insert:
-    return insert(JOBS)
+    # inline(): no `RETURNING seq`; nothing reads the new row's key.
+    return insert(JOBS).inline()
 
 
 @cache

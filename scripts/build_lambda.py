@@ -34,6 +34,7 @@ APP_MODULES = (
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "migration.py",
 )
 # Alembic's environment and revisions: the migration function and SQLite's
 # self-upgrade run them from the package.

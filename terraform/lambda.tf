@@ -1,12 +1,10 @@
 locals {
   function_name = var.name
 
-  # The password is URL-encoded: it may contain characters that would
-  # otherwise end the userinfo part of the URL (such as ':' or '#').
+  # No password: DB_IAM_AUTH=1 makes the app sign an IAM token per connection.
   database_url = format(
-    "postgresql://%s:%s@%s:%d/%s?sslmode=require",
-    urlencode(var.db_username),
-    urlencode(var.db_password),
+    "postgresql://%s@%s:%d/%s?sslmode=require",
+    var.db_app_username,
     aws_db_instance.main.address,
     aws_db_instance.main.port,
     var.db_name,
@@ -34,6 +32,31 @@ resource "aws_iam_role" "lambda" {
 resource "aws_iam_role_policy_attachment" "lambda_vpc_access" {
   role       = aws_iam_role.lambda.name
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
+}
+
+# IAM database authentication: connect as the application role, and only as it.
+data "aws_caller_identity" "current" {}
+
+data "aws_region" "current" {}
+
+data "aws_iam_policy_document" "lambda_rds_connect" {
+  statement {
+    actions = ["rds-db:connect"]
+    resources = [format(
+      "arn:%s:rds-db:%s:%s:dbuser:%s/%s",
+      data.aws_partition.current.partition,
+      data.aws_region.current.name,
+      data.aws_caller_identity.current.account_id,
+      aws_db_instance.main.resource_id,
+      var.db_app_username,
+    )]
+  }
+}
+
+resource "aws_iam_role_policy" "lambda_rds_connect" {
+  name   = "rds-db-connect"
+  role   = aws_iam_role.lambda.id
+  policy = data.aws_iam_policy_document.lambda_rds_connect.json
 }
 
 # Created before the function so that Lambda does not create it without a retention.
@@ -84,6 +107,7 @@ resource "aws_lambda_function" "api" {
     variables = merge(
       {
         DATABASE_URL   = local.database_url
+        DB_IAM_AUTH    = "1"
         AUTH0_DOMAIN   = var.auth0_domain
         AUTH0_AUDIENCE = var.auth0_audience
         AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
@@ -95,6 +119,9 @@ resource "aws_lambda_function" "api" {
   depends_on = [
     aws_cloudwatch_log_group.lambda,
     aws_iam_role_policy_attachment.lambda_vpc_access,
+    aws_iam_role_policy.lambda_rds_connect,
+    # The schema is migrated before the function gets the code that needs it.
+    aws_lambda_invocation.migrate,
   ]
 
   lifecycle {

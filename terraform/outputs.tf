@@ -32,3 +32,13 @@ output "rds_log_group_names" {
   description = "CloudWatch log groups receiving the PostgreSQL logs."
   value       = [for group in aws_cloudwatch_log_group.rds : group.name]
 }
+
+output "migration_function_name" {
+  description = "Name of the migration function (alembic upgrade head and the application role); invoke it to migrate by hand."
+  value       = aws_lambda_function.migration.function_name
+}
+
+output "db_master_user_secret_arn" {
+  description = "ARN (not the value) of the Secrets Manager secret in which RDS keeps the master password; only the migration function's role may read it."
+  value       = aws_db_instance.main.master_user_secret[0].secret_arn
+}

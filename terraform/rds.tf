@@ -41,7 +41,6 @@ resource "aws_db_instance" "main" {
   #checkov:skip=CKV_AWS_157:Multi-AZ doubles the database cost; it is the variable multi_az (default false) so production can turn it on
   #checkov:skip=CKV_AWS_353:Performance Insights is not needed at this scale; the PostgreSQL logs go to CloudWatch
   #checkov:skip=CKV_AWS_118:Enhanced monitoring needs a monitoring role and adds cost; CloudWatch's standard RDS metrics are enough here
-  #checkov:skip=CKV_AWS_161:The application connects with the password in DATABASE_URL; IAM database tokens would need token refresh in the application
   identifier     = local.db_identifier
   engine         = "postgres"
   engine_version = var.engine_version
@@ -53,9 +52,14 @@ resource "aws_db_instance" "main" {
   storage_encrypted     = true
 
   db_name  = var.db_name
-  username = var.db_username
-  password = var.db_password
+  username = var.db_master_username
   port     = local.db_port
+
+  # No password in Terraform: RDS makes one, keeps it in Secrets Manager and
+  # rotates it; only the migration function may read it (migrations.tf). The
+  # API connects as var.db_app_username with IAM tokens.
+  manage_master_user_password         = true
+  iam_database_authentication_enabled = true
 
   db_subnet_group_name   = aws_db_subnet_group.main.name
   vpc_security_group_ids = [aws_security_group.database.id]

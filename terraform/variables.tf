@@ -47,7 +47,7 @@ variable "vpc_cidr" {
 
 variable "enable_nat_gateway" {
   type        = bool
-  description = "Create one NAT gateway (about $32 a month) for the Lambda's outbound HTTPS. A Lambda in a VPC never gets a public address, so without it the function cannot fetch Auth0's signing keys (JWKS) and authentication cannot work; turn it off only together with auth_disabled or for a network-only test."
+  description = "Create one NAT gateway (about $32 a month) for the Lambda's outbound HTTPS. A Lambda in a VPC never gets a public address, so without it the function cannot fetch Auth0's signing keys (JWKS) and authentication cannot work; turn it off only together with auth_disabled or for a network-only test. Without it, an interface VPC endpoint for Secrets Manager (about $15 a month) lets the migration function read the master secret."
   default     = true
 }
 
@@ -97,30 +97,14 @@ variable "db_name" {
   }
 }
 
-variable "db_username" {
+variable "db_master_username" {
   type        = string
-  description = "Master user name of the database (the application connects as this user)."
-  default     = "extraction_app"
+  description = "Master user name of the database. RDS keeps its password in Secrets Manager (manage_master_user_password) and only the migration function reads it; the API connects as db_app_username."
+  default     = "extraction_admin"
 
   validation {
-    condition     = can(regex("^[a-zA-Z][a-zA-Z0-9_]{0,62}$", var.db_username)) && !contains(["rdsadmin", "postgres"], lower(var.db_username))
-    error_message = "db_username must be 1-63 letters, digits or underscores, starting with a letter, and not a reserved name (rdsadmin, postgres)."
-  }
-}
-
-variable "db_password" {
-  type        = string
-  description = "Master password of the database. No default: pass it as the environment variable TF_VAR_db_password, never in a file."
-  sensitive   = true
-
-  validation {
-    condition     = length(var.db_password) >= 16 && length(var.db_password) <= 128
-    error_message = "db_password must be 16 to 128 characters long."
-  }
-
-  validation {
-    condition     = can(regex("^[!-~]+$", var.db_password)) && !can(regex("[/@\"' ]", var.db_password))
-    error_message = "db_password may contain printable ASCII characters only, and none of / @ \" ' or space (RDS rejects them)."
+    condition     = can(regex("^[a-zA-Z][a-zA-Z0-9_]{0,62}$", var.db_master_username)) && !contains(["rdsadmin", "postgres"], lower(var.db_master_username))
+    error_message = "db_master_username must be 1-63 letters, digits or underscores, starting with a letter, and not a reserved name (rdsadmin, postgres)."
   }
 }
 
@@ -295,6 +279,25 @@ variable "job_retention_days" {
     condition     = var.job_retention_days == null || try(var.job_retention_days >= 1 && var.job_retention_days <= 36500 && floor(var.job_retention_days) == var.job_retention_days, false)
     error_message = "job_retention_days must be null or a whole number of days from 1 to 36500."
   }
+}
+
+# --- Migrations and database credentials ---------------------------------------
+
+variable "db_app_username" {
+  type        = string
+  description = "Database role the API connects as, with IAM database authentication (no password). The migration function creates it and grants it data access only; the API's IAM role may connect as exactly this user."
+  default     = "extraction_app"
+
+  validation {
+    condition     = can(regex("^[a-z_][a-z0-9_]{0,62}$", var.db_app_username)) && !contains(["rdsadmin", "postgres", "rds_iam"], var.db_app_username)
+    error_message = "db_app_username must be 1-63 lower-case letters, digits or underscores, not starting with a digit, and not a reserved name (rdsadmin, postgres, rds_iam)."
+  }
+}
+
+variable "run_migrations_on_apply" {
+  type        = bool
+  description = "Invoke the migration function (alembic upgrade head, application role grants) during apply whenever the package changes, before the API function gets the new code. Turn off only where no function can run (an emulator); the API then answers 503 until the migration function runs."
+  default     = true
 }
 
 variable "enable_snapstart" {

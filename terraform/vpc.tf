@@ -178,3 +178,42 @@ resource "aws_security_group_rule" "database_postgres_in" {
   to_port                  = 5432
   source_security_group_id = aws_security_group.lambda.id
 }
+
+# Without a NAT gateway nothing in the private subnets reaches AWS APIs; the
+# migration function still has to read the master secret, so Secrets Manager
+# gets an interface endpoint there (private DNS: the usual host name resolves
+# to it). IAM database tokens are signed locally and need no endpoint.
+resource "aws_security_group" "endpoints" {
+  count = var.enable_nat_gateway ? 0 : 1
+
+  name        = "${var.name}-endpoints"
+  description = "Interface VPC endpoints: HTTPS from the Lambda group only"
+  vpc_id      = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-endpoints" }
+}
+
+resource "aws_security_group_rule" "endpoints_https_in" {
+  count = var.enable_nat_gateway ? 0 : 1
+
+  type                     = "ingress"
+  security_group_id        = aws_security_group.endpoints[0].id
+  description              = "HTTPS from the Lambda group only"
+  protocol                 = "tcp"
+  from_port                = 443
+  to_port                  = 443
+  source_security_group_id = aws_security_group.lambda.id
+}
+
+resource "aws_vpc_endpoint" "secretsmanager" {
+  count = var.enable_nat_gateway ? 0 : 1
+
+  vpc_id              = aws_vpc.main.id
+  service_name        = "com.amazonaws.${data.aws_region.current.name}.secretsmanager"
+  vpc_endpoint_type   = "Interface"
+  private_dns_enabled = true
+  subnet_ids          = aws_subnet.private[*].id
+  security_group_ids  = [aws_security_group.endpoints[0].id]
+
+  tags = { Name = "${var.name}-secretsmanager" }
+}

@@ -2,7 +2,9 @@
 the deployed state as the emulator holds it, not as Terraform planned it.
 """
 
+import fnmatch
 import json
+from collections.abc import Iterator
 
 import boto3
 from sqlalchemy import make_url
@@ -45,6 +47,7 @@ def assert_function_wired_to_private_network_and_database(
     env = config["Environment"]["Variables"]
     assert set(env) == {
         "DATABASE_URL",
+        "DB_IAM_AUTH",
         "AUTH0_DOMAIN",
         "AUTH0_AUDIENCE",
         "AUTH_DISABLED",
@@ -54,15 +57,14 @@ def assert_function_wired_to_private_network_and_database(
         variables["auth0_domain"],
         variables["auth0_audience"],
     )
-    assert variables["db_password"] not in env["DATABASE_URL"], (
-        "the password must be URL-encoded"
-    )
+    # IAM database authentication: the URL holds no password.
+    assert env["DB_IAM_AUTH"] == "1"
     url = make_url(env["DATABASE_URL"])
     db = deployed["aws_db_instance.main"]
     assert (url.drivername, url.username, url.password) == (
         "postgresql",
         "extraction_app",
-        variables["db_password"],
+        None,
     )
     assert (url.host, url.port, url.database) == (
         db["address"],
@@ -229,6 +231,158 @@ def assert_sweep_schedule_invokes_the_function(endpoint: str, deployed: dict) ->
     [statement] = policy["Statement"]
     assert statement["Action"] == "lambda:InvokeFunction"
     assert statement["Resource"] == deployed["aws_lambda_function.api"]["arn"]
+
+
+MIGRATION_FUNCTION = f"{NAME}-migrate"
+
+
+def master_secret(endpoint: str) -> tuple[str, str]:
+    """The ARN and the password RDS keeps for the master user (the emulator's)."""
+    (instance,) = emulator_client(endpoint, "rds").describe_db_instances(
+        DBInstanceIdentifier=NAME
+    )["DBInstances"]
+    arn = instance["MasterUserSecret"]["SecretArn"]
+    secret = emulator_client(endpoint, "secretsmanager").get_secret_value(SecretId=arn)
+    password = json.loads(secret["SecretString"])["password"]
+    assert len(password) >= 8, "RDS made a password"
+    return arn, password
+
+
+def _strings(value) -> Iterator[tuple[str, str]]:
+    """Every (key, string) in a JSON document, at any depth."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str):
+                yield key, item
+            else:
+                yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def assert_no_password_in_state_or_environment(
+    endpoint: str, state: dict, raw_state: str
+) -> None:
+    """No value in `terraform show -json`, the state file, or either function's
+    environment holds the master password (or any password at all)."""
+    _, password = master_secret(endpoint)
+    assert password not in json.dumps(state)
+    assert password not in raw_state
+    holding = [
+        (key, value)
+        for key, value in _strings(state)
+        if "password" in key.lower() and value
+    ]
+    assert holding == [], "a password attribute holds a value"
+    lambdas = emulator_client(endpoint, "lambda")
+    for function in (NAME, MIGRATION_FUNCTION):
+        env = lambdas.get_function_configuration(FunctionName=function)["Environment"]
+        for key, value in env["Variables"].items():
+            assert password not in value, (function, key)
+            assert "password" not in key.lower(), (function, key)
+            if key == "DATABASE_URL":
+                assert make_url(value).password is None, (function, key)
+
+
+def assert_migration_function_reads_the_secret_by_arn(endpoint: str) -> None:
+    arn, _ = master_secret(endpoint)
+    config = emulator_client(endpoint, "lambda").get_function_configuration(
+        FunctionName=MIGRATION_FUNCTION
+    )
+    assert config["Handler"] == "lambda_handler.migrate"
+    env = config["Environment"]["Variables"]
+    assert env["DB_MASTER_SECRET_ARN"] == arn
+    assert env["DB_APP_USER"] == "extraction_app"
+    url = make_url(env["DATABASE_URL"])
+    assert (url.username, url.password, url.query) == (
+        None,
+        None,
+        {"sslmode": "require"},
+    )
+    assert config["VpcConfig"]["SubnetIds"], "inside the VPC, next to the database"
+
+
+def _role_statements(iam, role: str) -> list[dict]:
+    documents = [
+        iam.get_role_policy(RoleName=role, PolicyName=name)["PolicyDocument"]
+        for name in iam.list_role_policies(RoleName=role)["PolicyNames"]
+    ]
+    for attached in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]:
+        policy = iam.get_policy(PolicyArn=attached["PolicyArn"])["Policy"]
+        documents.append(
+            iam.get_policy_version(
+                PolicyArn=attached["PolicyArn"], VersionId=policy["DefaultVersionId"]
+            )["PolicyVersion"]["Document"]
+        )
+    statements = []
+    for document in documents:
+        if isinstance(document, str):
+            document = json.loads(document)
+        found = document["Statement"]
+        statements += found if isinstance(found, list) else [found]
+    return statements
+
+
+def _as_list(value) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def _allows(statements: list[dict], action: str, resource: str) -> list[dict]:
+    return [
+        statement
+        for statement in statements
+        if statement.get("Effect") == "Allow"
+        and any(
+            fnmatch.fnmatchcase(action, pattern)
+            for pattern in _as_list(statement.get("Action", []))
+        )
+        and any(
+            fnmatch.fnmatchcase(resource, pattern)
+            for pattern in _as_list(statement.get("Resource", []))
+        )
+    ]
+
+
+def assert_only_the_migration_role_reads_the_secret(endpoint: str) -> None:
+    arn, _ = master_secret(endpoint)
+    iam = emulator_client(endpoint, "iam")
+    roles = [r["RoleName"] for r in iam.list_roles()["Roles"]]
+    readers = {
+        role
+        for role in roles
+        if _allows(_role_statements(iam, role), "secretsmanager:GetSecretValue", arn)
+    }
+    assert readers == {MIGRATION_FUNCTION}
+
+
+def assert_api_role_connects_as_exactly_the_app_user(endpoint: str) -> None:
+    """rds-db:connect on one dbuser resource: this instance, extraction_app."""
+    (instance,) = emulator_client(endpoint, "rds").describe_db_instances(
+        DBInstanceIdentifier=NAME
+    )["DBInstances"]
+    assert instance["IAMDatabaseAuthenticationEnabled"] is True
+    role_arn = emulator_client(endpoint, "lambda").get_function_configuration(
+        FunctionName=NAME
+    )["Role"]
+    iam = emulator_client(endpoint, "iam")
+    statements = _role_statements(iam, role_arn.split("/")[-1])
+    account = role_arn.split(":")[4]
+    expected = (
+        f"arn:aws:rds-db:{EMULATOR_REGION}:{account}:dbuser:"
+        f"{instance['DbiResourceId']}/extraction_app"
+    )
+    dbusers = [
+        resource
+        for statement in statements
+        for resource in _as_list(statement.get("Resource", []))
+        if ":dbuser" in resource
+    ]
+    assert dbusers == [expected]
+    (connect,) = _allows(statements, "rds-db:connect", expected)
+    assert _as_list(connect["Action"]) == ["rds-db:connect"]
+    master = expected.replace("/extraction_app", "/extraction_admin")
+    assert _allows(statements, "rds-db:connect", master) == []
 
 
 def assert_api_invokes_the_snapstart_alias(endpoint: str, deployed: dict) -> None:

@@ -32,6 +32,7 @@ EMULATED_SERVICES = (
     "logs",
     "rds",
     "scheduler",
+    "secretsmanager",
     "sts",
 )
 EMULATOR_REGION = "us-east-1"
@@ -60,6 +61,7 @@ def copy_module(dest: Path) -> Path:
         "*.tfvars.json",
         "*override.tf",
         "*override.tf.json",
+        "backend.tf",  # a user's remote state settings (backend.tf.example)
     )
     shutil.copytree(MODULE_DIR, dest, ignore=ignored)
     return dest

@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 from conftest import backend_url, require
 from lambda_events import http_api_event, response_json
+from test_migration_function import deployment, secrets_endpoint  # noqa: F401
+
+from db_models import SCHEMA_REVISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -37,6 +40,7 @@ APP_MODULES = {
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "migration.py",
 } | {  # Alembic's environment and revisions
     path.relative_to(ROOT).as_posix() for path in (ROOT / "migrations").rglob("*.py")
 }
@@ -328,3 +332,39 @@ def recorded_paths(root: Path) -> set[str]:
         for line in record.read_text().splitlines():
             paths.add(line.rsplit(",", 2)[0])
     return paths
+
+
+def test_the_migration_function_runs_from_the_package(
+    package: Package, request: pytest.FixtureRequest
+) -> None:
+    """lambda_handler.migrate from the unzipped package, with botocore where the
+    Lambda runtime has it (after the package on sys.path, never inside it),
+    against the scratch database and moto-held secret of
+    tests/test_migration_function.py."""
+    scratch = request.getfixturevalue("deployment")
+    import botocore
+
+    runtime = Path(botocore.__file__).resolve().parent.parent
+    code = (
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(package.root)!r}]\n"
+        f"sys.path.append({str(runtime)!r})\n"
+        "import lambda_handler\n"
+        "result = lambda_handler.migrate({}, None)\n"
+        "assert lambda_handler.__file__.startswith(sys.path[0])\n"
+        "print(json.dumps(result))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-B", "-c", code],
+        env=isolated_env(scratch["env"]),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "revision_before": None,
+        "revision": SCHEMA_REVISIONS[-1],
+        "app_role": scratch["app"],
+    }
+    assert scratch["password"] not in result.stdout + result.stderr

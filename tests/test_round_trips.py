@@ -8,14 +8,17 @@ before the request, and counts that database's statements. No client-side
 hook is trusted: a BEGIN, COMMIT or pre-ping sent by any layer is counted.
 """
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg2
 import pytest
-from conftest import TEST_DATABASE_URL, require
+from conftest import ROOT, TEST_DATABASE_URL, require
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
@@ -310,6 +313,41 @@ def test_a_multi_statement_write_keeps_one_transaction(counted, statement_log):
 
     _, sent = count(two_statements)
     assert sent == ["BEGIN", "SELECT 1", "SELECT 2", "COMMIT"]
+
+
+RESTORE_HOOK_CHECK = """
+import database, snapshot_restore_py
+assert snapshot_restore_py.after_restore == {expected}, snapshot_restore_py.after_restore
+"""
+
+
+@pytest.mark.parametrize("initialization", ["snap-start", "on-demand"])
+def test_under_snapstart_restored_pools_are_dropped_by_the_runtime_hook(
+    tmp_path, initialization
+):
+    """Lambda's runtime ships `snapshot_restore_py`; this machine has none, so
+    a stand-in records what database.py registers when imported."""
+    (tmp_path / "snapshot_restore_py.py").write_text(
+        "after_restore = []\n"
+        "def register_after_restore(func, *args, **kwargs):\n"
+        "    after_restore.append(func)\n"
+    )
+    expected = "[]"
+    if initialization == "snap-start":
+        expected = "[database.drop_pooled_connections]"
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORE_HOOK_CHECK.format(expected=expected)],
+        check=False,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+            "AWS_LAMBDA_INITIALIZATION_TYPE": initialization,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_lease_history_stats_and_cursor_requests_are_one_round_trip_each(counted):

@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 from terraform_emulator import (
     assert_api_invokes_the_snapstart_alias,
+    assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
+    assert_migration_function_reads_the_secret_by_arn,
     assert_network_isolation,
+    assert_no_password_in_state_or_environment,
+    assert_only_the_migration_role_reads_the_secret,
     assert_sweep_schedule_invokes_the_function,
     leftovers,
     state_values,
@@ -37,10 +41,8 @@ from terraform_helpers import (
     write_tfvars,
 )
 
-# Test-only values. The password holds characters that must be URL-encoded.
-DB_PASSWORD = "test-only:pw#0%12345"
+# Test-only values. No database password: RDS keeps it in Secrets Manager.
 REQUIRED_VARS = {
-    "db_password": DB_PASSWORD,
     "auth0_domain": "tenant.example.com",
     "auth0_audience": "https://api.example.com",
 }
@@ -172,6 +174,10 @@ def test_database_is_private_encrypted_backed_up_and_protected(resources: dict) 
     assert db["multi_az"] is False
     assert db["auto_minor_version_upgrade"] is True
     assert "postgresql" in db["enabled_cloudwatch_logs_exports"]
+    assert db["username"] == "extraction_admin"
+    assert db["manage_master_user_password"] is True
+    assert db["iam_database_authentication_enabled"] is True
+    assert db.get("password") is None
 
 
 def test_database_requires_tls(plan: dict, resources: dict) -> None:
@@ -305,13 +311,25 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
     plan: dict, resources: dict
 ) -> None:
     attachments = of_type(resources, "aws_iam_role_policy_attachment")
-    assert [a["policy_arn"] for a in attachments.values()] == [
-        "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
-    ]
-    # The one inline policy is the sweep scheduler's (schedule.tf), not the function's.
-    assert list(of_type(resources, "aws_iam_role_policy")) == [
-        "aws_iam_role_policy.sweep_invoke"
-    ]
+    assert {
+        address: attachment["policy_arn"] for address, attachment in attachments.items()
+    } == {
+        "aws_iam_role_policy_attachment.lambda_vpc_access": "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
+        "aws_iam_role_policy_attachment.migration_vpc_access": "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
+    }
+    # Inline: rds-db:connect for the API, the secret for the migration only.
+    assert set(of_type(resources, "aws_iam_role_policy")) == {
+        "aws_iam_role_policy.lambda_rds_connect",
+        "aws_iam_role_policy.migration_read_master_secret",
+        # The sweep scheduler's (schedule.tf), not the function's.
+        "aws_iam_role_policy.sweep_invoke",
+    }
+    assert "aws_iam_role.lambda" in references(
+        plan, "aws_iam_role_policy.lambda_rds_connect", "role"
+    )
+    assert "aws_iam_role.migration" in references(
+        plan, "aws_iam_role_policy.migration_read_master_secret", "role"
+    )
     assume = json.loads(resources["aws_iam_role.lambda"]["assume_role_policy"])
     assert [s["Principal"] for s in assume["Statement"]] == [
         {"Service": "lambda.amazonaws.com"}
@@ -375,7 +393,7 @@ def test_invoke_permission_is_scoped_to_this_api(plan: dict, resources: dict) ->
 
 def test_every_log_group_has_a_retention(resources: dict) -> None:
     groups = of_type(resources, "aws_cloudwatch_log_group")
-    assert len(groups) == 4  # Lambda, API access, PostgreSQL, upgrade
+    assert len(groups) == 5  # API, migration, API access, PostgreSQL, upgrade
     assert {group["retention_in_days"] for group in groups.values()} == {30}
 
 
@@ -388,12 +406,14 @@ def test_outputs(plan: dict) -> None:
         "lambda_log_group_name",
         "api_access_log_group_name",
         "rds_log_group_names",
+        "migration_function_name",
+        "db_master_user_secret_arn",
     }
 
 
 def test_bad_variable_values_are_refused(planner: Terraform) -> None:
     bad_values = {
-        "db_password": "short/",
+        "db_app_username": "Extraction-App",
         "auth0_domain": "https://tenant.example.com",
         "lambda_reserved_concurrency": "0",
         "log_retention_days": "10",
@@ -409,8 +429,7 @@ def test_bad_variable_values_are_refused(planner: Terraform) -> None:
     assert result.returncode == 1
     errors = " ".join(result.stderr.split())
     for message in (
-        "db_password must be 16 to 128 characters long.",
-        "none of / @",
+        "db_app_username must be 1-63 lower-case letters",
         "without https:// or a path",
         "a cap is required",
         "a value CloudWatch accepts",
@@ -471,6 +490,145 @@ def test_snapstart_publishes_a_version_and_the_api_invokes_its_alias(
     assert snapstart["aws_lambda_permission.api_gateway"]["qualifier"] == "live"
 
 
+# --- Migrations and database credentials ----------------------------------------
+
+
+def configured(plan: dict, address: str) -> dict:
+    return next(
+        r
+        for r in plan["configuration"]["root_module"]["resources"]
+        if r["address"] == address
+    )
+
+
+def policy_statements(plan: dict) -> dict[str, list[dict]]:
+    return {
+        r["address"]: r["expressions"]["statement"]
+        for r in plan["configuration"]["root_module"]["resources"]
+        if r["type"] == "aws_iam_policy_document"
+    }
+
+
+def test_api_connects_as_the_app_user_with_iam_auth_and_no_password(
+    plan: dict,
+) -> None:
+    assert "db_password" not in plan["variables"]
+    assert "db_password" not in plan["configuration"]["root_module"]["variables"]
+    assert plan["variables"]["db_app_username"] == {"value": "extraction_app"}
+    (connect,) = policy_statements(plan)[
+        "data.aws_iam_policy_document.lambda_rds_connect"
+    ]
+    assert connect["actions"] == {"constant_value": ["rds-db:connect"]}
+    assert {"aws_db_instance.main.resource_id", "var.db_app_username"} <= set(
+        connect["resources"]["references"]
+    )
+    assert "aws_iam_role.lambda" in references(
+        plan, "aws_iam_role_policy.lambda_rds_connect", "role"
+    )
+    assert "local.database_url" in references(
+        plan, "aws_lambda_function.api", "environment", 0, "variables"
+    )
+
+
+def test_only_the_migration_role_may_read_the_master_secret(plan: dict) -> None:
+    readers = {
+        address
+        for address, statements in policy_statements(plan).items()
+        for statement in statements
+        if any(
+            action.startswith(("secretsmanager:", "*"))
+            for action in statement.get("actions", {}).get("constant_value", [])
+        )
+    }
+    assert readers == {"data.aws_iam_policy_document.migration_read_master_secret"}
+    (read,) = policy_statements(plan)[
+        "data.aws_iam_policy_document.migration_read_master_secret"
+    ]
+    assert read["actions"] == {"constant_value": ["secretsmanager:GetSecretValue"]}
+    assert read["resources"]["references"] == ["local.db_master_secret_arn"]
+    assert "aws_iam_role.migration" in references(
+        plan, "aws_iam_role_policy.migration_read_master_secret", "role"
+    )
+
+
+def test_migration_function_runs_the_same_package_before_the_api_switches(
+    plan: dict, resources: dict, lambda_zip: Path
+) -> None:
+    function = resources["aws_lambda_function.migration"]
+    digest = base64.b64encode(hashlib.sha256(lambda_zip.read_bytes()).digest()).decode()
+    assert function["handler"] == "lambda_handler.migrate"
+    assert function["source_code_hash"] == digest
+    assert function["reserved_concurrent_executions"] == 1
+    assert function["timeout"] == 300
+    assert {"local.db_master_secret_arn", "local.migration_database_url"} <= set(
+        references(plan, "aws_lambda_function.migration", "environment", 0, "variables")
+    )
+    assert "aws_iam_role.migration" in references(
+        plan, "aws_lambda_function.migration", "role"
+    )
+    assert "aws_subnet.private" in references(
+        plan, "aws_lambda_function.migration", "vpc_config", 0, "subnet_ids"
+    )
+
+    # Invoked on every apply whose package changed, before the API function.
+    invocation = resources["aws_lambda_invocation.migrate[0]"]
+    assert invocation["triggers"] == {"package_sha256": digest}
+    assert "aws_lambda_function.migration" in references(
+        plan, "aws_lambda_invocation.migrate", "function_name"
+    )
+    api = configured(plan, "aws_lambda_function.api")
+    assert "aws_lambda_invocation.migrate" in api["depends_on"]
+
+
+@pytest.fixture(scope="module")
+def no_nat_resources(planner: Terraform) -> dict[str, dict]:
+    """A plan without NAT gateway and without the invocation."""
+    planner.run(
+        "plan",
+        "-var",
+        "enable_nat_gateway=false",
+        "-var",
+        "run_migrations_on_apply=false",
+        "-out=no-nat.tfplan",
+    )
+    return planned_resources(planner.show_json("no-nat.tfplan"))
+
+
+def test_without_nat_secrets_manager_gets_an_interface_endpoint(
+    no_nat_resources: dict, resources: dict
+) -> None:
+    assert of_type(resources, "aws_vpc_endpoint") == {}, "NAT on: no endpoint"
+    assert of_type(no_nat_resources, "aws_nat_gateway") == {}
+    endpoint = no_nat_resources["aws_vpc_endpoint.secretsmanager[0]"]
+    assert endpoint["service_name"] == "com.amazonaws.us-east-1.secretsmanager"
+    assert endpoint["vpc_endpoint_type"] == "Interface"
+    assert endpoint["private_dns_enabled"] is True
+    rule = no_nat_resources["aws_security_group_rule.endpoints_https_in[0]"]
+    assert (rule["type"], rule["protocol"], rule["from_port"], rule["to_port"]) == (
+        "ingress",
+        "tcp",
+        443,
+        443,
+    )
+    assert rule.get("cidr_blocks") in (None, [])
+    # run_migrations_on_apply = false: no invocation at all.
+    assert of_type(no_nat_resources, "aws_lambda_invocation") == {}
+    assert "aws_lambda_invocation.migrate[0]" in resources
+
+
+def test_app_user_must_differ_from_the_master(planner: Terraform) -> None:
+    result = planner.run(
+        "plan",
+        "-var",
+        "db_master_username=extraction_app",
+        expect_success=False,
+    )
+    assert result.returncode == 1
+    assert "db_app_username must differ from db_master_username" in " ".join(
+        result.stderr.split()
+    )
+
+
 # --- apply -> re-plan -> destroy -------------------------------------------------
 
 
@@ -483,16 +641,25 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "lambda_zip_path": str(lambda_zip),
         "db_deletion_protection": False,
         "db_skip_final_snapshot": True,
+        # moto stores a function but cannot run it, so the migration cannot be
+        # invoked here; everything else about it is deployed and checked.
+        "run_migrations_on_apply": False,
     }
     terraform = emulated_copy(workspace, "cycle", moto_endpoint, variables)
     try:
         terraform.run("apply", "-auto-approve")
-        deployed = state_values(terraform.show_json())
+        state = terraform.show_json()
+        deployed = state_values(state)
         assert_function_wired_to_private_network_and_database(
             moto_endpoint, deployed, variables
         )
         assert_network_isolation(moto_endpoint, deployed)
         assert_sweep_schedule_invokes_the_function(moto_endpoint, deployed)
+        raw_state = (terraform.workdir / "terraform.tfstate").read_text()
+        assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)
+        assert_migration_function_reads_the_secret_by_arn(moto_endpoint)
+        assert_only_the_migration_role_reads_the_secret(moto_endpoint)
+        assert_api_role_connects_as_exactly_the_app_user(moto_endpoint)
 
         terraform.run("plan", "-out=replan.tfplan")
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []

@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+
+# `make run` serves on 127.0.0.1:$(PORT).
+PORT ?= 8000
 
 # Lambda target platform; terraform's runtime/architectures must match.
 LAMBDA_PYTHON ?= 3.11
@@ -11,22 +15,32 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install run test test-deployed lint migrate sweep build plan deploy destroy clean
+.PHONY: install install-run run test test-deployed lint migrate sweep build plan deploy destroy clean docs-check
 
+# `make run` installs what serving needs (requirements-run.txt); `make test`
+# and the other targets add the test and lint tools (requirements-dev.txt).
 install: $(STAMP)
+install-run: $(RUN_STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+$(RUN_STAMP): requirements.txt requirements-run.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-run.txt
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-run: install
-	@echo "================================================================"
-	@echo " Local development: SQLite at $${DB_PATH:-extraction_jobs.db},"
-	@echo " AUTH IS DISABLED (AUTH_DISABLED=1). Never run like this in production."
-	@echo "================================================================"
-	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port 8000
+# The banner names the database settings.py resolves (password hidden).
+run: install-run
+	@AUTH_DISABLED=1 $(BIN)/python settings.py banner
+	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port $(PORT)
+
+# /docs and /redoc in headless Chromium with no network but loopback
+# (needs Debian's chromium: apt-get install chromium). Not part of `make test`.
+docs-check: install-run
+	$(BIN)/python scripts/docs_check.py
 
 test: install
 	$(BIN)/pytest
@@ -48,11 +62,11 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # alembic upgrade head against DATABASE_URL (or the default SQLite file).
-migrate: install
+migrate: install-run
 	$(BIN)/alembic upgrade head
 
 # One sweep now (expired leases, retention) against DATABASE_URL or the SQLite file.
-sweep: install
+sweep: install-run
 	AUTH_DISABLED=1 $(BIN)/python scripts/sweep.py
 
 build:

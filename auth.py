@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+import settings as config
 from models import MAX_SUBJECT_LENGTH, check_text
 
 logger = logging.getLogger(__name__)
@@ -38,13 +38,11 @@ JWKS_TTL_SECONDS = 600.0
 UNKNOWN_KID_COOLDOWN_SECONDS = 30.0
 FAILED_FETCH_BACKOFF_SECONDS = 10.0
 
-_TRUE_VALUES = {"1", "true", "yes"}
-_FALSE_VALUES = {"0", "false", "no", "off"}
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
 
 
-class AuthConfigError(RuntimeError):
-    """Auth is enabled but its configuration is incomplete."""
+# Auth enabled with its configuration incomplete is a configuration error (settings.py).
+AuthConfigError = config.ConfigError
 
 
 class InvalidToken(Exception):
@@ -77,38 +75,32 @@ class AuthSettings:
     require_scopes: bool = True
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name, "").strip()
-
-
 def authenticator_from_env() -> Authenticator | None:
-    """Build the authenticator from the environment; None when auth is disabled.
+    """The authenticator for the environment's settings (see authenticator_for)."""
+    return authenticator_for(config.load_settings())
 
-    Raises AuthConfigError naming the missing variables. Does no network I/O.
-    """
-    if _env("AUTH_DISABLED").lower() in _TRUE_VALUES:
-        function_name = _env("AWS_LAMBDA_FUNCTION_NAME")
-        if function_name:
+
+def authenticator_for(settings: config.Settings) -> Authenticator | None:
+    """Build the authenticator; None when auth is disabled. Does no network I/O."""
+    if settings.auth_disabled:
+        if settings.aws_lambda_function_name:
             logger.warning(
                 "AUTH_DISABLED is set in Lambda function %s: /extraction-jobs "
                 "accepts requests without any token.",
-                function_name,
+                settings.aws_lambda_function_name,
             )
         return None
-    missing = [name for name in ("AUTH0_DOMAIN", "AUTH0_AUDIENCE") if not _env(name)]
-    if missing:
-        raise AuthConfigError(
-            f"Auth is enabled but {' and '.join(missing)} is not set; "
-            "set it, or set AUTH_DISABLED=1 for local development only."
+    domain = settings.auth0_domain
+    assert domain and settings.auth0_audience  # load_settings checked both
+    return Authenticator(
+        AuthSettings(
+            issuer=settings.auth0_issuer or f"https://{domain}/",
+            audience=settings.auth0_audience,
+            jwks_url=settings.auth0_jwks_url
+            or f"https://{domain}/.well-known/jwks.json",
+            require_scopes=settings.auth_require_scopes,
         )
-    domain = _env("AUTH0_DOMAIN").removeprefix("https://").rstrip("/")
-    settings = AuthSettings(
-        issuer=_env("AUTH0_ISSUER") or f"https://{domain}/",
-        audience=_env("AUTH0_AUDIENCE"),
-        jwks_url=_env("AUTH0_JWKS_URL") or f"https://{domain}/.well-known/jwks.json",
-        require_scopes=_env("AUTH_REQUIRE_SCOPES").lower() not in _FALSE_VALUES,
     )
-    return Authenticator(settings)
 
 
 class JwksCache:

@@ -40,12 +40,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 
+import settings
 from db_models import SCHEMA_REVISIONS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_SQLITE_PATH = "extraction_jobs.db"
 SQLITE_BUSY_TIMEOUT_S = 15
 DEFAULT_PING_AFTER_IDLE_S = 30
 # Where a pool keeps, per connection, when it was last returned.
@@ -72,42 +72,21 @@ class SchemaOutOfDate(DatabaseUnavailable):
         self.needed = needed
 
 
-class InvalidDatabaseURL(ValueError):
-    pass
+# A bad DATABASE_URL is a configuration error like any other (settings.py).
+InvalidDatabaseURL = settings.ConfigError
 
 
 def database_url_from_env() -> str:
     """`DATABASE_URL` when set, else SQLite at `DB_PATH`."""
-    url = os.environ.get("DATABASE_URL", "").strip()
-    if url:
-        return normalize_url(url)
-    path = os.environ.get("DB_PATH", "").strip() or DEFAULT_SQLITE_PATH
-    return "sqlite://" if path == ":memory:" else f"sqlite:///{path}"
+    return settings.settings_from_env().resolved_database_url
 
 
 def normalize_url(url: str) -> str:
-    """Name the psycopg2 driver explicitly: SQLAlchemy 2.1 maps a bare
-    `postgresql://` to psycopg 3, and Heroku-style `postgres://` to nothing."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise InvalidDatabaseURL(
-            "DATABASE_URL must look like postgresql://user:pass@host/db"
-        )
-    if scheme in ("postgres", "postgresql"):
-        return f"postgresql+psycopg2://{rest}"
-    if scheme in ("postgresql+psycopg2", "sqlite"):
-        return url
-    raise InvalidDatabaseURL(
-        f"DATABASE_URL scheme {scheme!r} is not supported; use postgresql:// or sqlite://"
-    )
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
+    """`url` with the psycopg2 driver named (see settings.normalize_database_url)."""
     try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise InvalidDatabaseURL(f"{name} must be an integer, got {raw!r}") from None
+        return settings.normalize_database_url(url)
+    except ValueError as error:
+        raise InvalidDatabaseURL([f"DATABASE_URL {error}"]) from None
 
 
 def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
@@ -143,21 +122,8 @@ def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
             raise DisconnectionError(str(error)) from error
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        value = -1
-    if not value >= 0:
-        raise InvalidDatabaseURL(
-            f"{name} must be a number of seconds >= 0, got {raw!r}"
-        )
-    return value
-
-
 def _postgres_engine(url: str) -> Engine:
-    statement_timeout_ms = _env_int("DB_STATEMENT_TIMEOUT_MS", 10_000)
+    config = settings.settings_from_env()
     engine = create_engine(
         url,
         # No pre-ping: see _ping_after_idle.
@@ -166,24 +132,22 @@ def _postgres_engine(url: str) -> Engine:
         # own transaction, with no BEGIN or COMMIT round trip around it.
         isolation_level="AUTOCOMMIT",
         # Small by default: on Lambda every execution environment has its own pool.
-        pool_size=_env_int("DB_POOL_SIZE", 2),
-        max_overflow=_env_int("DB_MAX_OVERFLOW", 0),
-        pool_timeout=_env_int("DB_POOL_TIMEOUT", 10),
+        pool_size=config.db_pool_size,
+        max_overflow=config.db_max_overflow,
+        pool_timeout=config.db_pool_timeout,
         connect_args={
-            "connect_timeout": _env_int("DB_CONNECT_TIMEOUT", 5),
-            "options": f"-c statement_timeout={statement_timeout_ms}",
+            "connect_timeout": config.db_connect_timeout,
+            "options": f"-c statement_timeout={config.db_statement_timeout_ms}",
             "application_name": "extraction-jobs",
         },
     )
-    _ping_after_idle(
-        engine, _env_float("DB_PING_AFTER_IDLE_S", DEFAULT_PING_AFTER_IDLE_S)
-    )
-    if os.environ.get("DB_IAM_AUTH", "").strip() == "1":
-        use_iam_auth(engine)
+    _ping_after_idle(engine, config.db_ping_after_idle_s)
+    if config.db_iam_auth:
+        use_iam_auth(engine, config.aws_region)
     return engine
 
 
-def use_iam_auth(engine: Engine) -> None:
+def use_iam_auth(engine: Engine, region: str | None = None) -> None:
     """IAM database authentication (`DB_IAM_AUTH=1`, on AWS): every new
     connection signs a fresh 15-minute token for its host, port and user with
     the function's own credentials, and passes it as the password, so the
@@ -192,11 +156,9 @@ def use_iam_auth(engine: Engine) -> None:
     import botocore.session
 
     session = botocore.session.get_session()
-    region = os.environ.get("AWS_REGION", "").strip() or session.get_config_variable(
-        "region"
-    )
+    region = region or session.get_config_variable("region")
     if not region:
-        raise InvalidDatabaseURL("DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)")
+        raise InvalidDatabaseURL(["DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)"])
     signer = session.create_client("rds", region_name=region)
     # The token is the signature; botocore's signer logs signatures at DEBUG.
     logging.getLogger("botocore.auth").setLevel(logging.INFO)
@@ -267,7 +229,7 @@ def migration_engine(url: str) -> Engine:
         url,
         poolclass=NullPool,
         connect_args={
-            "connect_timeout": _env_int("DB_CONNECT_TIMEOUT", 5),
+            "connect_timeout": settings.settings_from_env().db_connect_timeout,
             "application_name": "extraction-jobs-migrate",
         },
     )

@@ -203,3 +203,14 @@ class JobEventRow(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
 
     __table_args__ = (Index("ix_extraction_job_event_job", "job_id", "seq"),)
+
+
+class CursorKey(Base):
+    """The key that signs list cursors unless `CURSOR_SECRET` is set: 32
+    random bytes (hex) the migration stored, one row, the same for every
+    instance that uses this database. The application only reads it."""
+
+    __tablename__ = "extraction_job_cursor_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))

@@ -11,11 +11,11 @@ on a named stage rather than `$default`; Mangum strips it from the path.
 
 import json
 import logging
-import os
 
 from mangum import Mangum
 
 from main import app, log_unhandled, run_sweep
+from settings import settings_from_env
 
 logger = logging.getLogger("extraction_jobs")
 
@@ -66,8 +66,7 @@ def build_handler(asgi_app) -> Mangum:
     return Mangum(
         answer_unhandled_errors(asgi_app),
         lifespan="off",
-        api_gateway_base_path=os.environ.get("API_GATEWAY_BASE_PATH", "").strip()
-        or "/",
+        api_gateway_base_path=settings_from_env().api_gateway_base_path,
     )
 
 

@@ -1,7 +1,9 @@
 """HTTP routes, and the one place where domain errors become status codes."""
 
+import importlib.util
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import (
@@ -15,8 +17,13 @@ from fastapi import (
     Security,
 )
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,10 +32,10 @@ from auth import (
     READ_SCOPE,
     WRITE_SCOPE,
     Principal,
-    authenticator_from_env,
+    authenticator_for,
     require_scope,
 )
-from database import DatabaseUnavailable, SchemaOutOfDate, database_url_from_env
+from database import DatabaseUnavailable, SchemaOutOfDate
 from models import (
     MAX_DOCUMENT_ID_LENGTH,
     ClaimRequest,
@@ -41,6 +48,7 @@ from models import (
     JobStats,
     JobStatus,
     JobUpdate,
+    ValidationErrorBody,
     check_optional_text,
 )
 from repository import ExtractionJobRepository
@@ -53,8 +61,8 @@ from service import (
     NotLeaseHolder,
     UpdateContention,
     VersionMismatch,
-    retention_days_from_env,
 )
+from settings import ConfigError, exit_on_config_error, load_settings
 
 logger = logging.getLogger("extraction_jobs")
 
@@ -63,7 +71,22 @@ MAX_OFFSET = 2**63 - 1  # the largest OFFSET both databases accept
 RETRY_AFTER_SECONDS = "5"
 
 
+def _header(description: str) -> dict:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+RETRY_AFTER = {"Retry-After": _header("Seconds to wait before retrying.")}
+WWW_AUTHENTICATE = {
+    "WWW-Authenticate": _header(
+        'The RFC 6750 challenge, e.g. Bearer realm="extraction-jobs", '
+        'error="invalid_token".'
+    )
+}
+ETAG = {"ETag": _header('The job\'s version in quotes, e.g. "3"; send it as If-Match.')}
+
+
 def _errors(*codes: int) -> dict[int | str, dict]:
+    """The error answers of a route, as the API really sends them."""
     descriptions = {
         401: "Missing or invalid bearer token",
         403: "The token lacks the needed permission",
@@ -72,12 +95,39 @@ def _errors(*codes: int) -> dict[int | str, dict]:
         "or the worker does not hold the job's lease",
         412: "If-Match does not match the job's current version (ETag)",
         413: "Request body larger than 1 MiB",
-        422: "Invalid request",
+        415: "The body is not sent as Content-Type: application/json",
+        422: "Invalid request: one entry per problem, the input not echoed",
         503: "Database or token signing keys unavailable; see Retry-After",
     }
+    headers = {401: WWW_AUTHENTICATE, 403: WWW_AUTHENTICATE, 503: RETRY_AFTER}
     return {
-        code: {"model": ErrorBody, "description": descriptions[code]} for code in codes
+        code: {
+            "model": ValidationErrorBody if code == 422 else ErrorBody,
+            "description": descriptions[code],
+            **({"headers": headers[code]} if code in headers else {}),
+        }
+        for code in codes
     }
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON; FastAPI would otherwise treat it
+    as text and answer a puzzling "Input should be a valid dictionary"."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    got = f"got {content_type!r}" if content_type else "no Content-Type was sent"
+    raise HTTPException(
+        status_code=415,
+        detail=f"The request body must be JSON, sent with "
+        f"'Content-Type: application/json' ({got}).",
+    )
+
+
+JSON_BODY = [Depends(require_json)]
 
 
 def get_service(request: Request) -> JobService:
@@ -128,7 +178,20 @@ def _parse_if_match(value: str | None) -> frozenset[int] | None:
     status_code=201,
     response_model=Job,
     summary="Create a job",
-    responses=_errors(413, 422, *COMMON_ERRORS),
+    dependencies=JSON_BODY,
+    responses={
+        201: {
+            "description": "Created, or replayed for a repeated Idempotency-Key",
+            "headers": {
+                "Location": _header("/extraction-jobs/{id} of the job."),
+                **ETAG,
+                "Idempotent-Replayed": _header(
+                    "`true` when this answers a repeated Idempotency-Key."
+                ),
+            },
+        },
+        **_errors(413, 415, 422, *COMMON_ERRORS),
+    },
 )
 async def create_job(
     data: JobCreate,
@@ -159,7 +222,8 @@ async def create_job(
     "/claim",
     response_model=list[Job],
     summary="Claim the next pending jobs, most urgent first",
-    responses=_errors(413, 422, *COMMON_ERRORS),
+    dependencies=JSON_BODY,
+    responses=_errors(413, 415, 422, *COMMON_ERRORS),
 )
 async def claim_jobs(
     request: ClaimRequest, service: Service, principal: Writer
@@ -229,7 +293,7 @@ async def list_jobs(
     "/{job_id}",
     response_model=Job,
     summary="Get one job",
-    responses=_errors(404, *COMMON_ERRORS),
+    responses={200: {"headers": ETAG}, **_errors(404, *COMMON_ERRORS)},
 )
 async def get_job(job_id: str, response: Response, service: Service, _: Reader) -> Job:
     return _etag(response, await run_in_threadpool(service.get, job_id))
@@ -266,7 +330,11 @@ async def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]
     "/{job_id}",
     response_model=Job,
     summary="Change a job's status",
-    responses=_errors(404, 409, 412, 413, 422, *COMMON_ERRORS),
+    dependencies=JSON_BODY,
+    responses={
+        200: {"headers": ETAG},
+        **_errors(404, 409, 412, 413, 415, 422, *COMMON_ERRORS),
+    },
 )
 async def update_job(
     job_id: str,
@@ -465,9 +533,100 @@ def _register_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
+# Swagger UI and ReDoc come from the fastapi-offline package, served by the
+# app itself, so /docs works without reaching a CDN. A package built without
+# them (scripts/build_lambda.py leaves them out when they cost too much)
+# falls back to the CDN FastAPI uses by default.
+DOCS_ASSETS_URL = "/docs-assets"
+CDN_ASSETS = {
+    "swagger-ui-bundle.js": "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js",
+    "swagger-ui.css": "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css",
+    "redoc.standalone.js": "https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js",
+    "favicon.png": "https://fastapi.tiangolo.com/img/favicon.png",
+}
+
+
+def docs_assets_dir() -> Path | None:
+    """The packaged Swagger UI / ReDoc files, or None when they are not installed.
+
+    Located without importing the package (nothing to pay at cold start).
+    """
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return folder if all((folder / name).is_file() for name in CDN_ASSETS) else None
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI with Authorize), /redoc, and their assets."""
+    assets = docs_assets_dir()
+    if assets is not None:
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount(DOCS_ASSETS_URL, StaticFiles(directory=assets), name="docs-assets")
+
+    def asset(request: Request, name: str) -> str:
+        if assets is None:
+            return CDN_ASSETS[name]
+        return f"{request.scope.get('root_path', '')}{DOCS_ASSETS_URL}/{name}"
+
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+            swagger_js_url=asset(request, "swagger-ui-bundle.js"),
+            swagger_css_url=asset(request, "swagger-ui.css"),
+            swagger_favicon_url=asset(request, "favicon.png"),
+        )
+
+    def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=asset(request, "redoc.standalone.js"),
+            redoc_favicon_url=asset(request, "favicon.png"),
+            with_google_fonts=False,
+        )
+
+    def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    for path, endpoint in (
+        ("/docs", swagger_ui),
+        ("/docs/oauth2-redirect", oauth2_redirect),
+        ("/redoc", redoc),
+    ):
+        app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+
+def _without_default_422(app: FastAPI) -> None:
+    """Drop the 422 FastAPI documents for every route with parameters: where a
+    422 can happen it is declared (ValidationErrorBody); elsewhere it cannot."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    default = operation["responses"].get("422", {})
+                    if "HTTPValidationError" in json.dumps(default):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app() -> FastAPI:
-    """Build the app from the environment. Refuses to start on bad config;
-    connects to nothing (engines, tables and keys are made on first use)."""
+    """Build the app from the environment. Refuses to start on bad config
+    (settings.ConfigError); connects to nothing (engines, tables and keys are
+    made on first use)."""
+    settings = load_settings()
     app = FastAPI(
         title="Extraction Job API",
         version="1.0.0",
@@ -475,11 +634,14 @@ def create_app() -> FastAPI:
             "The system of record for document-extraction jobs: "
             "pending → processing → completed | failed."
         ),
+        docs_url=None,
+        redoc_url=None,
     )
-    app.state.authenticator = authenticator_from_env()
+    app.state.authenticator = authenticator_for(settings)
     app.state.service = JobService(
-        ExtractionJobRepository(database_url_from_env()),
-        retention_days=retention_days_from_env(),
+        ExtractionJobRepository(settings.resolved_database_url),
+        cursor_secret=settings.cursor_secret,
+        retention_days=settings.retention_days,
     )
     app.add_middleware(BodySizeLimit)
     _register_error_handlers(app)
@@ -491,10 +653,26 @@ def create_app() -> FastAPI:
         response_model=Health,
         tags=["health"],
         responses={
-            503: {"model": Health, "description": "The database is unavailable"}
+            503: {
+                "model": Health,
+                "description": "The database is unavailable",
+                "headers": RETRY_AFTER,
+            }
         },
     )
+    _install_docs(app)
+    _without_default_422(app)
     return app
 
 
-app = create_app()
+def _app_or_exit() -> FastAPI:
+    """The module's app; a configuration error stops the start (uvicorn, the
+    Lambda import) with one line per problem and no traceback."""
+    try:
+        return create_app()
+    except ConfigError as error:
+        exit_on_config_error(error)
+        raise  # not reached: exit_on_config_error exits
+
+
+app = _app_or_exit()

@@ -35,7 +35,7 @@ DEFAULT_APP_ROLE = "extraction_app"
 # table is one more line here.
 DELETE_TABLES: tuple[str, ...] = ("extraction_job", "extraction_job_event")
 # Read, never written, by the application (its schema check).
-READ_ONLY_TABLES: tuple[str, ...] = ("alembic_version",)
+READ_ONLY_TABLES: tuple[str, ...] = ("alembic_version", "extraction_job_cursor_key")
 SCHEMA = "public"
 # The same advisory lock as migrations/env.py: one migrator at a time.
 MIGRATION_LOCK_ID = 0x45585452

@@ -284,8 +284,32 @@ class HeartbeatRequest(BaseModel):
     )
 
 
+# A failed job: every field has a value (FastAPI drops nulls from examples).
+JOB_EXAMPLE = {
+    "id": "0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11",
+    "document_id": "invoice-2026-0042.pdf",
+    "status": "failed",
+    "priority": 5,
+    "metadata": {"source": "s3://inbox/invoice-2026-0042.pdf", "pages": 3},
+    "error_message": "OCR engine timed out",
+    "created_at": "2026-11-27T04:11:59.123456+00:00",
+    "updated_at": "2026-11-27T04:12:41.020000+00:00",
+    "created_by": "auth0|5f7c8ec7c33c6c004bbafe82",
+    "attempts": 1,
+    "worker_id": "ocr-worker-7",
+    "started_at": "2026-11-27T04:12:03.500000+00:00",
+    "finished_at": "2026-11-27T04:12:41.020000+00:00",
+    "version": 3,
+    "max_attempts": 3,
+    "run_at": "2026-11-27T04:11:59.123456+00:00",
+    "updated_by": "auth0|5f7c8ec7c33c6c004bbafe82",
+}
+
+
 class Job(BaseModel):
     """A job as the API returns it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: str = Field(description="UUID4.")
     document_id: str
@@ -308,12 +332,15 @@ class Job(BaseModel):
     max_attempts: int = Field(description="Expired leases allowed before it fails.")
     run_at: Timestamp = Field(description="Not claimed before this instant.")
     lease_expires_at: Timestamp | None = Field(
-        description="While processing: when the holder's lease runs out."
+        default=None, description="While processing: when the holder's lease runs out."
     )
-    result: dict[str, Any] | None = Field(description="What a completed job produced.")
+    result: dict[str, Any] | None = Field(
+        default=None, description="What a completed job produced."
+    )
     updated_by: str | None = Field(
+        default=None,
         description="The token's `sub` behind the last change; null when auth is "
-        "disabled or the change was the sweep's."
+        "disabled or the change was the sweep's.",
     )
 
 
@@ -362,6 +389,26 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: Any = Field(
-        description="What went wrong, in words or as FastAPI's validation list."
+    detail: str = Field(
+        description="What went wrong, in words.",
+        examples=["Extraction job '0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11' not found"],
+    )
+
+
+class ValidationProblem(BaseModel):
+    """One problem with the request; the offending input is never echoed."""
+
+    type: str = Field(examples=["less_than_equal"])
+    loc: list[str | int] = Field(
+        description="Where: body, query or header, then the field path.",
+        examples=[["body", "priority"]],
+    )
+    msg: str = Field(examples=["Input should be less than or equal to 10"])
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422. For a reused Idempotency-Key (create only), `detail` is a sentence."""
+
+    detail: list[ValidationProblem] | str = Field(
+        description="One entry per problem; a sentence for a reused Idempotency-Key."
     )

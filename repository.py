@@ -48,7 +48,13 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from database import database_url_from_env, ping, run, transaction
-from db_models import ExtractionJob, JobEventRow, JSONDocument, UTCDateTime
+from db_models import (
+    CursorKey,
+    ExtractionJob,
+    JobEventRow,
+    JSONDocument,
+    UTCDateTime,
+)
 from models import EventType, Job, JobEvent, JobStats, JobStatus, StatusCounts
 from schemas import job_from_row, to_event, to_values
 
@@ -160,7 +166,12 @@ def _insert() -> Insert:
 
 
 @cache
-def _list(by_document: bool, by_status: bool, after: bool) -> Select:
+def _cursor_key() -> Select:
+    return select(CursorKey.key).order_by(CursorKey.id).limit(1)
+
+
+@cache
+def _list(by_document: bool, by_status: bool, after: bool, with_key: bool) -> Select:
     query = (
         select(JOBS)
         .order_by(JOBS.c.seq)
@@ -173,6 +184,10 @@ def _list(by_document: bool, by_status: bool, after: bool) -> Select:
         query = query.where(JOBS.c.status == bindparam("status"))
     if after:
         query = query.where(JOBS.c.seq > bindparam("after_seq", type_=BigInteger))
+    if with_key:
+        # The cursor key rides along the first page a process serves, so
+        # loading it costs no round trip of its own.
+        query = query.add_columns(_cursor_key().scalar_subquery().label("cursor_key"))
     return query
 
 
@@ -182,6 +197,7 @@ def _list_params(
     limit: int,
     offset: int,
     after_seq: int | None = None,
+    with_key: bool = False,
 ) -> tuple[Select, dict[str, Any]]:
     params: dict[str, Any] = {"limit": limit, "offset": offset}
     if document_id is not None:
@@ -191,7 +207,7 @@ def _list_params(
     if after_seq is not None:
         params["after_seq"] = after_seq
     statement = _list(
-        document_id is not None, status is not None, after_seq is not None
+        document_id is not None, status is not None, after_seq is not None, with_key
     )
     return statement, params
 
@@ -803,11 +819,13 @@ class ExtractionJobRepository:
         limit: int,
         offset: int,
         after_seq: int | None = None,
-    ) -> tuple[list[Job], int | None, bool]:
-        """A page in creation order: the jobs, the last one's `seq`, and
-        whether more follow (one row more is read to know)."""
+        with_key: bool = False,
+    ) -> tuple[list[Job], int | None, bool, str | None]:
+        """A page in creation order: the jobs, the last one's `seq`, whether
+        more follow (one row more is read to know), and `with_key` the cursor
+        key when there were rows."""
         statement, params = _list_params(
-            document_id, status, limit + 1, offset, after_seq
+            document_id, status, limit + 1, offset, after_seq, with_key
         )
 
         def page(connection: Connection) -> list[Any]:
@@ -815,9 +833,16 @@ class ExtractionJobRepository:
 
         rows = run(self.url, page)
         more = len(rows) > limit
+        key = rows[0]["cursor_key"] if with_key and rows else None
         rows = rows[:limit]
         last_seq = rows[-1]["seq"] if rows else None
-        return [job_from_row(row) for row in rows], last_seq, more
+        return [job_from_row(row) for row in rows], last_seq, more, key
+
+    def cursor_key(self) -> str | None:
+        """The stored cursor key (None if the row is gone)."""
+        return run(
+            self.url, lambda connection: connection.execute(_cursor_key()).scalar()
+        )
 
     def transition(
         self,

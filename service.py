@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,41 +64,6 @@ ONE_MICROSECOND = timedelta(microseconds=1)
 MAX_LIST_OFFSET = 10_000
 
 
-# --- configuration read from the environment (one small validated place) ----
-
-
-class InvalidConfiguration(ValueError):
-    pass
-
-
-def retention_days_from_env() -> int | None:
-    """`RETENTION_DAYS`: finished jobs older than this are deleted by the
-    sweep; unset or empty keeps them forever."""
-    raw = os.environ.get("RETENTION_DAYS", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 36_500:
-        raise InvalidConfiguration(
-            f"RETENTION_DAYS must be a whole number of days from 1 to 36500, got {raw!r}"
-        )
-    return int(raw)
-
-
-def cursor_key_from_env(database_url: str) -> bytes:
-    """The key that signs list cursors.
-
-    `CURSOR_SECRET` when set (at least 32 characters). Otherwise derived from
-    the database URL, which is the same for every instance of a deployment and,
-    in AWS, holds the database password, so it is secret there without a new
-    secret to manage; a changed URL only makes old cursors fail with 422.
-    """
-    secret = os.environ.get("CURSOR_SECRET", "").strip()
-    if secret and len(secret) < 32:
-        raise InvalidConfiguration("CURSOR_SECRET must be at least 32 characters")
-    material = secret or database_url
-    return hashlib.sha256(b"extraction-jobs cursor v1\x00" + material.encode()).digest()
-
-
 class JobNotFound(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"Extraction job {job_id!r} not found")
@@ -150,41 +114,71 @@ class Page:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class ParsedCursor:
+    after_seq: int
+    payload: bytes
+    signature: bytes
+
+
 class CursorCodec:
     """Opaque, tamper-evident list cursors: the position and the filters,
     HMAC-SHA256-signed, base64url. A cursor from another filter, deployment
-    or hand is refused (`InvalidPage`), never trusted."""
+    or hand is refused (`InvalidPage`), never trusted.
 
-    def __init__(self, key: bytes) -> None:
+    The key is `CURSOR_SECRET` when set; otherwise the random key revision
+    0002 stored in the database, read once per process (it rides along the
+    first list query), so every instance on one database signs alike.
+    """
+
+    SIGNATURE_BYTES = 16
+    INVALID = (
+        "Invalid cursor: use the Link header of the previous page unchanged, "
+        "with the same document_id and status filters"
+    )
+
+    def __init__(self, key: bytes | None = None) -> None:
         self.key = key
 
+    @staticmethod
+    def derive(material: str) -> bytes:
+        return hashlib.sha256(
+            b"extraction-jobs cursor v1\x00" + material.encode()
+        ).digest()
+
     def _sign(self, payload: bytes) -> bytes:
-        return hmac.new(self.key, payload, hashlib.sha256).digest()[:16]
+        assert self.key is not None
+        return hmac.new(self.key, payload, hashlib.sha256).digest()[
+            : self.SIGNATURE_BYTES
+        ]
 
     def encode(self, after_seq: int, filters: list[str | None]) -> str:
         payload = json.dumps([1, after_seq, filters], separators=(",", ":")).encode()
         token = payload + self._sign(payload)
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
-    def decode(self, cursor: str, filters: list[str | None]) -> int:
-        invalid = InvalidPage(
-            "Invalid cursor: use the Link header of the previous page unchanged, "
-            "with the same document_id and status filters"
-        )
+    def parse(self, cursor: str, filters: list[str | None]) -> ParsedCursor:
+        """The cursor's position, not yet trusted: `verify` says if it is ours."""
         try:
             token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        except (ValueError, UnicodeEncodeError):
-            raise invalid from None
-        payload, signature = token[:-16], token[-16:]
-        if len(token) <= 16 or not hmac.compare_digest(signature, self._sign(payload)):
-            raise invalid
-        try:
+            payload = token[: -self.SIGNATURE_BYTES]
             version, after_seq, signed_filters = json.loads(payload)
-        except ValueError:
-            raise invalid from None
-        if version != 1 or signed_filters != filters or not isinstance(after_seq, int):
-            raise invalid
-        return after_seq
+        except (ValueError, TypeError, UnicodeError):
+            raise InvalidPage(self.INVALID) from None
+        if (
+            len(token) <= self.SIGNATURE_BYTES
+            or version != 1
+            or signed_filters != filters
+            or not isinstance(after_seq, int)
+            or isinstance(after_seq, bool)
+            or not 0 <= after_seq < 2**63
+        ):
+            raise InvalidPage(self.INVALID)
+        return ParsedCursor(after_seq, payload, token[-self.SIGNATURE_BYTES :])
+
+    def verify(self, cursor: ParsedCursor) -> None:
+        if not hmac.compare_digest(cursor.signature, self._sign(cursor.payload)):
+            raise InvalidPage(self.INVALID)
 
 
 def utc_now() -> datetime:
@@ -226,12 +220,14 @@ class JobService:
         repository: ExtractionJobRepository,
         clock: Callable[[], datetime] = utc_now,
         *,
-        cursor_key: bytes | None = None,
+        cursor_secret: str | None = None,
         retention_days: int | None = None,
     ) -> None:
         self.repository = repository
         self.clock = clock
-        self.cursors = CursorCodec(cursor_key or cursor_key_from_env(repository.url))
+        self.cursors = CursorCodec(
+            CursorCodec.derive(cursor_secret) if cursor_secret else None
+        )
         self.retention_days = retention_days
 
     def database_ok(self) -> None:
@@ -320,23 +316,34 @@ class JobService:
         while walking are neither skipped nor repeated.
         """
         filters = [document_id, status.value if status else None]
-        after_seq = None
+        parsed = None
         if cursor is not None:
             if offset:
                 raise InvalidPage("Use either cursor or offset, not both")
-            after_seq = self.cursors.decode(cursor, filters)
+            parsed = self.cursors.parse(cursor, filters)
         elif offset > MAX_LIST_OFFSET:
             raise InvalidPage(
                 f"offset must be at most {MAX_LIST_OFFSET}; to page further, follow "
                 'the `cursor` in the Link header (rel="next") of each page'
             )
-        jobs, last_seq, more = self.repository.list_jobs(
+        need_key = self.cursors.key is None
+        jobs, last_seq, more, key = self.repository.list_jobs(
             document_id=document_id,
             status=status,
             limit=limit,
             offset=offset,
-            after_seq=after_seq,
+            after_seq=parsed.after_seq if parsed else None,
+            with_key=need_key,
         )
+        if need_key and (key is not None or parsed is not None or more):
+            key = key or self.repository.cursor_key()
+            # Without the stored row (deleted by hand) the URL still signs
+            # alike across instances; `make migrate` never loses it.
+            self.cursors.key = CursorCodec.derive(key or self.repository.url)
+        if parsed is not None:
+            # Checked after the query, which only read a position; a cursor
+            # that is not ours answers 422 and its page is never shown.
+            self.cursors.verify(parsed)
         next_cursor = (
             self.cursors.encode(last_seq, filters)
             if more and last_seq is not None

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import lambda_elf
@@ -34,6 +35,7 @@ APP_MODULES = (
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "settings.py",
     "migration.py",
 )
 # Alembic's environment and revisions: the migration function and SQLite's
@@ -45,6 +47,10 @@ MAX_ZIPPED = 50 * 2**20  # Lambda's limit for a direct upload
 MAX_UNZIPPED = 250 * 2**20
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip entry can hold
 TASK_ROOT = "/var/task"  # where Lambda unpacks the zip; named in tracebacks
+# Swagger UI and ReDoc (fastapi-offline) stay in the package only while they
+# cost at most this much zipped; without them /docs loads them from the CDN.
+DOCS_ASSETS_PACKAGE = "fastapi_offline"
+MAX_DOCS_ASSETS_ZIPPED = 2**20
 
 # Never run in Lambda: test suites, type stubs, docs, C sources and headers,
 # console scripts. Paths are relative to the package root.
@@ -144,6 +150,27 @@ def prune(root: Path) -> int:
             saved += path.stat().st_size
             path.unlink()
     return saved
+
+
+def docs_assets(root: Path) -> str:
+    """Keep the docs assets if they cost at most MAX_DOCS_ASSETS_ZIPPED; say which."""
+    package = root / DOCS_ASSETS_PACKAGE
+    if not package.is_dir():
+        return "docs assets: not installed, /docs uses the CDN"
+    zipped = sum(
+        len(zlib.compress(path.read_bytes(), zlib.Z_DEFAULT_COMPRESSION))
+        for path in package.rglob("*")
+        if path.is_file()
+    )
+    if zipped <= MAX_DOCS_ASSETS_ZIPPED:
+        return f"docs assets: {mib(zipped)} zipped, kept (limit {mib(MAX_DOCS_ASSETS_ZIPPED)})"
+    shutil.rmtree(package)
+    for info in root.glob(f"{DOCS_ASSETS_PACKAGE}-*.dist-info"):
+        shutil.rmtree(info)
+    return (
+        f"docs assets: {mib(zipped)} zipped, left out (limit "
+        f"{mib(MAX_DOCS_ASSETS_ZIPPED)}): /docs uses the CDN"
+    )
 
 
 def copy_app_modules(root: Path) -> None:
@@ -282,6 +309,7 @@ def main() -> None:
     glibc = wheel_glibc(python_version, wheel_arch)
     install_dependencies(root, python_version, wheel_arch, glibc)
     saved = prune(root)
+    docs = docs_assets(root)
     copy_app_modules(root)
     binaries = verify_binaries(root, python_version, wheel_arch, glibc)
     with_bytecode = python_version == f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -297,7 +325,7 @@ def main() -> None:
         f"unzipped (limits 50 / 250 MiB); {binaries} ELF files checked for "
         f"{wheel_arch} and glibc <= 2.{glibc}; "
         f"bytecode: {'yes' if with_bytecode else 'NO'}; pruned {mib(saved)} "
-        "(tests, stubs, docs, C sources, scripts)"
+        f"(tests, stubs, docs, C sources, scripts); {docs}"
     )
     if zipped > MAX_ZIPPED or unzipped > MAX_UNZIPPED:
         output.unlink()

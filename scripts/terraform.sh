@@ -3,9 +3,11 @@
 # Used by make plan / deploy / destroy:  scripts/terraform.sh plan|apply|destroy
 # BACKEND_CONFIG (optional) is passed to init as -backend-config (remote state).
 #
-# The CLI configuration is always set here (TF_CLI_CONFIG_FILE), from
-# TF_PROVIDER_MIRROR when given (see scripts/tf_cli_config.sh): an inherited
-# value may point at a file that does not exist.
+# The CLI configuration is set here (TF_CLI_CONFIG_FILE) unless yours names a
+# file that exists and TF_PROVIDER_MIRROR is unset: it installs providers from
+# the mirror that scripts/tf_mirror.sh finds (TF_PROVIDER_MIRROR, or a local
+# one), else from the registry. With neither, init fails with one line that
+# says what to set.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -35,5 +37,17 @@ if [[ -n "${BACKEND_CONFIG:-}" ]]; then
 fi
 
 cd "$module"
-terraform init "${init_args[@]}"
+init_log="$(mktemp "${TMPDIR:-/tmp}/terraform-init.XXXXXX")"
+trap 'rm -f "${config:-}" "$init_log"' EXIT
+if ! terraform init "${init_args[@]}" >"$init_log" 2>&1; then
+    if [[ ! -s "${TF_CLI_CONFIG_FILE:-/nonexistent}" ]] &&
+        grep -q "registry.terraform.io" "$init_log"; then
+        echo "terraform init: no provider mirror found and the Terraform registry is unreachable;" \
+            "set TF_PROVIDER_MIRROR to a folder holding registry.terraform.io/ (README: Prerequisites)" >&2
+    else
+        cat "$init_log" >&2
+    fi
+    exit 1
+fi
+cat "$init_log"
 terraform "$@"

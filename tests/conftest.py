@@ -10,6 +10,7 @@ import os
 import sys
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -129,3 +130,23 @@ def api(
 def doc_id() -> str:
     """A document id no other test (or real user of a deployed API) has."""
     return f"{CONTRACT_PREFIX}{uuid.uuid4().hex}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say once, at the end, what did not run and what would enable it:
+    one line per skip reason, the PostgreSQL half named as such."""
+    reasons = Counter(
+        report.longrepr[2].removeprefix("Skipped: ")
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple)
+    )
+    for reason, count in reasons.items():
+        if "TEST_DATABASE_URL is not set" in reason:
+            line = (
+                f"{count} PostgreSQL tests skipped: set TEST_DATABASE_URL to an "
+                "empty database they may write to, e.g. TEST_DATABASE_URL="
+                "postgresql://postgres@127.0.0.1:5432/test make test"
+            )
+        else:
+            line = f"{count} skipped: {reason}"
+        terminalreporter.write_line(line, yellow=True)

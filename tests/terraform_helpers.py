@@ -1,7 +1,9 @@
 """Terraform in a throw-away copy of terraform/, and moto as the AWS it talks to.
 
 The CLI configuration (provider mirror) is written by scripts/tf_cli_config.sh,
-the same script `make plan/deploy/destroy` use, so the tests exercise it too.
+the same script `make plan/deploy/destroy` use, so the tests exercise it too;
+it finds a local mirror with scripts/tf_mirror.sh. With no mirror and no
+reachable registry the Terraform tests skip with one line (and fail under CI=true).
 """
 
 import json
@@ -37,16 +39,28 @@ EMULATED_SERVICES = (
 )
 EMULATOR_REGION = "us-east-1"
 COMMAND_TIMEOUT_S = 900
+NO_PROVIDERS = (
+    "Terraform providers cannot be installed: no provider mirror found and the "
+    "registry is unreachable; set TF_PROVIDER_MIRROR to a folder holding "
+    "registry.terraform.io/ (README: Prerequisites)"
+)
+_providers_unavailable = False  # learnt once per run: later tests skip at once
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip on a developer machine, fail under CI=true (as conftest.require)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"cannot run under CI=true: {reason}")
+    pytest.skip(reason)
 
 
 def require_terraform() -> str:
     """Path of the terraform binary; skip without it, but fail under CI=true."""
     path = shutil.which("terraform")
     if path is None:
-        reason = "terraform is not installed (README, Deployment: prerequisites)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot run under CI=true: {reason}")
-        pytest.skip(reason)
+        _cannot_run("terraform is not installed (README, Deployment: prerequisites)")
+    if _providers_unavailable:
+        _cannot_run(NO_PROVIDERS)
     return path
 
 
@@ -75,6 +89,7 @@ class Terraform:
         self.workdir = workdir
         cli_config = workdir.parent / f"{workdir.name}.tfrc"
         subprocess.run(["bash", str(CLI_CONFIG_SCRIPT), str(cli_config)], check=True)
+        self.has_mirror = cli_config.read_text() != ""
         # No AWS_* or TF_VAR_* from the caller: a developer's real credentials
         # or variables must never reach these runs.
         self.env = {
@@ -107,12 +122,20 @@ class Terraform:
             text=True,
             timeout=COMMAND_TIMEOUT_S,
         )
+        if proc.returncode != 0 and args[0] == "init" and self._registry_failed(proc):
+            global _providers_unavailable
+            _providers_unavailable = True
+            _cannot_run(NO_PROVIDERS)
         if expect_success and proc.returncode != 0:
             raise AssertionError(
                 f"terraform {' '.join(args)} exited {proc.returncode}\n"
                 f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
             )
         return proc
+
+    def _registry_failed(self, proc: subprocess.CompletedProcess) -> bool:
+        """init could not reach the registry, and no mirror was there to use."""
+        return not self.has_mirror and "registry.terraform.io" in proc.stderr
 
     def show_json(self, plan_file: str | None = None) -> dict:
         """The resolved plan (with a plan file) or the current state, as JSON."""

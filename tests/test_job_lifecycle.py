@@ -867,8 +867,9 @@ def test_cursors_work_across_app_instances(client, database_url, monkeypatch):
         create(client, f"d{n}")
     url = next_link(client.get("/extraction-jobs", params={"limit": 1}))
     monkeypatch.setenv("DATABASE_URL", database_url)
-    other = TestClient(create_app())
+    other = TestClient(create_app())  # a fresh process: the key is read anew
     assert other.get(url).status_code == 200
+    assert TestClient(create_app()).get(url + "x").status_code == 422
     monkeypatch.setenv("CURSOR_SECRET", "s" * 40)
     rekeyed = TestClient(create_app())
     assert rekeyed.get(url).status_code == 422
@@ -952,11 +953,11 @@ def test_postgres_creates_wait_in_line_so_seq_order_is_commit_order(monkeypatch)
 def test_bad_lifecycle_configuration_refuses_to_start(
     name, value, tmp_path, monkeypatch
 ):
-    from service import InvalidConfiguration
+    from settings import ConfigError
 
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'c.db'}")
     monkeypatch.setenv(name, value)
-    with pytest.raises(InvalidConfiguration, match=name):
+    with pytest.raises(ConfigError, match=name):
         create_app()
 
 
@@ -966,3 +967,18 @@ def test_retention_days_reaches_the_service(tmp_path, monkeypatch):
     assert create_app().state.service.retention_days == 30
     monkeypatch.setenv("RETENTION_DAYS", "")
     assert create_app().state.service.retention_days is None
+
+
+def test_each_database_signs_cursors_with_its_own_random_key(tmp_path, monkeypatch):
+    """The key is made by the migration, per database: a cursor from one
+    deployment is refused by another, though both run the same code."""
+    links = []
+    for name in ("one", "two"):
+        monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / name}.db")
+        app_client = TestClient(create_app())
+        for n in range(2):
+            create(app_client, f"d{n}")
+        links.append(next_link(app_client.get("/extraction-jobs", params={"limit": 1})))
+    assert links[0] != links[1]
+    assert app_client.get(links[1]).status_code == 200
+    assert app_client.get(links[0]).status_code == 422

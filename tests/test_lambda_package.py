@@ -40,6 +40,7 @@ APP_MODULES = {
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "settings.py",
     "migration.py",
 } | {  # Alembic's environment and revisions
     path.relative_to(ROOT).as_posix() for path in (ROOT / "migrations").rglob("*.py")
@@ -368,3 +369,20 @@ def test_the_migration_function_runs_from_the_package(
         "app_role": scratch["app"],
     }
     assert scratch["password"] not in result.stdout + result.stderr
+
+
+def test_packaged_docs_serve_swagger_ui_from_the_package(
+    package: Package, tmp_path: Path
+) -> None:
+    """Under 1 MiB zipped, the docs assets are kept (build_lambda.docs_assets)."""
+    lambda_ = IsolatedLambda(
+        package, isolated_env({"DB_PATH": str(tmp_path / "jobs.db")})
+    )
+    page = lambda_.invoke(http_api_event("GET", "/docs"))
+    assert page["statusCode"] == 200
+    assert "/docs-assets/swagger-ui-bundle.js" in page["body"]
+    assert "cdn.jsdelivr.net" not in page["body"]
+    script = lambda_.invoke(http_api_event("GET", "/docs-assets/swagger-ui-bundle.js"))
+    assert script["statusCode"] == 200
+    assert "SwaggerUIBundle" in script["body"]
+    lambda_.close()

@@ -169,6 +169,7 @@ def test_make_migrate_command_creates_the_table(database_url):
         with database.get_engine(database_url).begin() as connection:
             connection.execute(text("DROP TABLE extraction_job"))
             connection.execute(text("DROP TABLE IF EXISTS extraction_job_event"))
+            connection.execute(text("DROP TABLE IF EXISTS extraction_job_cursor_key"))
             connection.execute(text("DROP TABLE alembic_version"))
         database.reset_engines()
     result = subprocess.run(

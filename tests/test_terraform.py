@@ -108,6 +108,8 @@ def write_cli_config(out: Path, mirror: str | None) -> subprocess.CompletedProce
     }
     if mirror is not None:
         env["TF_PROVIDER_MIRROR"] = mirror
+    else:
+        env["TF_PROVIDER_MIRROR_SEARCH"] = ""  # nor one found on this machine
     return subprocess.run(
         ["bash", str(CLI_CONFIG_SCRIPT), str(out)],
         check=False,

@@ -1,6 +1,7 @@
 """Leases, retries, scheduled runs, results, history (issue 11).
 
-Existing rows get sensible values: max_attempts 3, run_at = created_at, and
+Also the table holding the list cursors' signing key, a random one per
+database. Existing rows get sensible values: max_attempts 3, run_at = created_at, and
 a job already processing gets a lease of 300 s from its last change, so a job
 stranded by release 1 is swept like any other.
 
@@ -8,6 +9,7 @@ Revision ID: 0002_job_lifecycle
 Revises: 0001_initial
 """
 
+import secrets
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -98,9 +100,17 @@ def upgrade() -> None:
     op.create_index(
         "ix_extraction_job_event_job", "extraction_job_event", ["job_id", "seq"]
     )
+    # The list cursors' signing key: random per database, made here once.
+    keys = op.create_table(
+        "extraction_job_cursor_key",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("key", sa.String(64), nullable=False),
+    )
+    op.bulk_insert(keys, [{"id": 1, "key": secrets.token_hex(32)}])
 
 
 def downgrade() -> None:
+    op.drop_table("extraction_job_cursor_key")
     op.drop_table("extraction_job_event")
     op.drop_index("ix_extraction_job_finished", table_name="extraction_job")
     op.drop_index("ix_extraction_job_lease", table_name="extraction_job")

@@ -1,0 +1,215 @@
+"""settings.py: every variable checked at start, one line per problem, no
+traceback, in the real entry points (uvicorn, the Lambda import); the
+README's configuration table is its output; `make run`'s banner and install."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def clean_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """A process environment with none of the service's variables but `values`."""
+    env = {k: v for k, v in os.environ.items() if k not in settings.ENV_NAMES}
+    env.update(PYTHONPATH=str(ROOT), DB_PATH=str(tmp_path / "jobs.db"), **values)
+    return env
+
+
+def problems(**values: str) -> list[str]:
+    with pytest.raises(settings.ConfigError) as raised:
+        settings.load_settings(values)
+    return raised.value.problems
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "wanted"),
+    [
+        ("DB_POOL_SIZE", "two", "valid integer"),
+        ("DB_POOL_SIZE", "0", "greater than or equal to 1"),
+        ("DB_MAX_OVERFLOW", "-1", "greater than or equal to 0"),
+        ("DB_STATEMENT_TIMEOUT_MS", "1.5", "integer"),
+        ("AUTH_DISABLED", "maybe", "1/true/yes/on or 0/false/no/off"),
+        ("AUTH_REQUIRE_SCOPES", "sometimes", "1/true/yes/on or 0/false/no/off"),
+        ("AUTH0_DOMAIN", "https://tenant.example.com/path", "host name"),
+        ("DATABASE_URL", "mysql://user@host/db", "postgresql://"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable_and_the_fix(name, value, wanted):
+    base = {"AUTH0_DOMAIN": "tenant.example.com", "AUTH0_AUDIENCE": "https://api"}
+    [line] = problems(**{**base, name: value})
+    assert line.startswith(name)
+    assert wanted in line
+    assert f"set it like {name}=" in line
+    assert "\n" not in line
+
+
+def test_every_problem_is_reported_at_once():
+    lines = problems(DB_POOL_SIZE="x", DB_CONNECT_TIMEOUT="y")
+    assert [line.split(" ")[0] for line in lines] == [
+        "DB_POOL_SIZE",
+        "DB_CONNECT_TIMEOUT",
+        "AUTH0_DOMAIN",
+        "AUTH0_AUDIENCE",
+    ]
+
+
+def test_a_database_password_never_appears_in_an_error():
+    [line] = problems(AUTH_DISABLED="1", DATABASE_URL="mysql://app:s3cret-pw@db/x")
+    assert "s3cret-pw" not in line
+
+
+def test_values_are_parsed_and_blank_means_unset():
+    config = settings.load_settings(
+        {"AUTH_DISABLED": "yes", "DB_POOL_SIZE": " 8 ", "DB_PATH": "  "}
+    )
+    assert (config.auth_disabled, config.db_pool_size) == (True, 8)
+    assert config.resolved_database_url == "sqlite:///extraction_jobs.db"
+
+
+def test_settings_import_no_database_driver_jwt_or_http_library():
+    script = (
+        "import sys, settings; settings.load_settings({'AUTH_DISABLED': '1'}); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} "
+        "& {'jose', 'cryptography', 'httpx', 'psycopg2', 'sqlalchemy'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+EXPECTED_LINES = [
+    "configuration error: DB_POOL_SIZE (got 'ten'): ",
+    "configuration error: AUTH0_DOMAIN is not set and auth is on: set it like ",
+    "configuration error: AUTH0_AUDIENCE is not set and auth is on: set it like ",
+]
+
+
+def assert_one_line_per_problem(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == len(EXPECTED_LINES), result.stderr
+    for line, start in zip(lines, EXPECTED_LINES, strict=True):
+        assert line.startswith(start), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_uvicorn_refuses_to_start_with_one_line_per_problem(tmp_path):
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
+    command += ["--host", "127.0.0.1"]
+    env = clean_env(tmp_path, DB_POOL_SIZE="ten")
+    result = subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+    assert_one_line_per_problem(result)
+
+
+def test_lambda_import_refuses_to_start_with_one_line_per_problem(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import lambda_handler"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(tmp_path, DB_POOL_SIZE="ten"),
+        timeout=60,
+    )
+    assert_one_line_per_problem(result)
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_readme_configuration_table_is_the_settings_table():
+    """Regenerate it with `.venv/bin/python settings.py table`."""
+    section = readme_section("Configuration")
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table + "\n" == settings.markdown_table()
+
+
+def banner(tmp_path: Path, **values: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "settings.py", "banner"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=clean_env(tmp_path, AUTH_DISABLED="1", **values),
+    )
+    return result.stdout
+
+
+def test_run_banner_names_the_database_in_use_without_its_password(tmp_path):
+    text = banner(
+        tmp_path, DATABASE_URL="postgresql://app:s3cret-pw@127.0.0.1:5432/jobs"
+    )
+    assert "PostgreSQL at app@127.0.0.1:5432/jobs" in text
+    assert "s3cret-pw" not in text
+    assert "AUTH IS DISABLED" in text
+    assert f"SQLite at {tmp_path / 'jobs.db'}" in banner(tmp_path)
+
+
+def test_make_run_installs_only_what_serving_needs(tmp_path):
+    """A dry run on a fresh venv: requirements-run.txt, never the dev tools."""
+    result = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    installs = re.findall(r"pip install .*-r (\S+)", result.stdout)
+    assert installs == ["requirements-run.txt"]
+    run_requirements = (ROOT / "requirements-run.txt").read_text()
+    for tool in ("pytest", "ruff", "moto"):
+        assert tool not in run_requirements
+    assert "uvicorn" in run_requirements
+
+
+def test_make_test_ends_saying_how_many_postgresql_tests_skipped(tmp_path):
+    env = clean_env(tmp_path)
+    env.pop("TEST_DATABASE_URL", None)
+    env.pop("CI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + ["tests/test_docs.py", "-k", "realistic"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout
+    closing = result.stdout.strip().splitlines()[-2:]
+    assert closing[0].startswith("1 PostgreSQL tests skipped: set TEST_DATABASE_URL")
+    assert "1 passed, 1 skipped" in closing[1]

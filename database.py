@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SQLITE_BUSY_TIMEOUT_S = 15
-DEFAULT_PING_AFTER_IDLE_S = 30
 # Where a pool keeps, per connection, when it was last returned.
 _RETURNED_AT = "returned_at"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"

@@ -166,6 +166,15 @@ class Settings(BaseModel):
         example="10000",
         ge=1,
     )
+    db_ping_after_idle_s: float = env(
+        "DB_PING_AFTER_IDLE_S",
+        30,
+        "a pooled PostgreSQL connection idle longer than this is checked "
+        "(`SELECT 1`) before use; `0` checks every reuse",
+        example="30",
+        ge=0,
+        allow_inf_nan=False,
+    )
     auth_disabled: Flag = env(
         "AUTH_DISABLED",
         False,
@@ -215,15 +224,6 @@ class Settings(BaseModel):
         "the stage name when the HTTP API is deployed on a named stage",
         example="prod",
         shown_default="unset",
-    )
-    db_ping_after_idle_s: float = env(
-        "DB_PING_AFTER_IDLE_S",
-        30.0,
-        "a pooled PostgreSQL connection idle longer than this is checked (`SELECT 1`) "
-        "before use; `0` checks every reuse",
-        example="30",
-        shown_default="`30`",
-        ge=0,
     )
     retention_days: int | None = env(
         "RETENTION_DAYS",

@@ -419,6 +419,7 @@ def run_scenarios(
         f"{app_claims.rate / claim_floor:5.2f}x {'0.7x':>6}  "
         f"(client CPU {app_claims.client_cpu:.0%}, no job claimed twice)"
     )
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 def run_claims(url: str, app_port: int, seconds: float) -> dict[str, Result]:

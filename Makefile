@@ -45,8 +45,9 @@ docs-check: install-run
 test: install
 	$(BIN)/pytest
 
-# Contract tests over the network against a deployed API:
-#   API_URL=https://... API_TOKEN=... make test-deployed
+# Contract tests over the network against a deployed API (the token is read,
+# never typed on a command line; no-token cases accept the gateway's or the app's 401):
+#   read -rs API_TOKEN && export API_TOKEN; API_URL=https://... make test-deployed
 test-deployed: install
 	@test -n "$$API_URL" || { echo "API_URL is required (and API_TOKEN when auth is on)"; exit 2; }
 	$(BIN)/pytest tests/test_api.py

@@ -10,6 +10,7 @@ request) never pays for loading them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -33,8 +34,12 @@ WRITE_SCOPE = "write:extraction-jobs"
 REALM = "extraction-jobs"
 ALGORITHM = "RS256"
 LEEWAY_SECONDS = 60
-JWKS_TIMEOUT_SECONDS = 5.0
+JWKS_DEADLINE_SECONDS = 5.0  # for the whole fetch: connect, headers and body
+JWKS_MAX_BYTES = 64 * 1024
 JWKS_TTL_SECONDS = 600.0
+# Keys are used past their TTL while refreshes fail, but no longer than this
+# after the last successful fetch: a key the tenant removed must stop working.
+JWKS_MAX_STALE_SECONDS = 24 * 3600.0
 UNKNOWN_KID_COOLDOWN_SECONDS = 30.0
 FAILED_FETCH_BACKOFF_SECONDS = 10.0
 
@@ -65,6 +70,7 @@ class KeysUnavailable(Exception):
 class Principal:
     sub: str | None
     scopes: frozenset[str]
+    azp: str | None = None  # the client application, for the request log
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ class JwksCache:
     stale, one thread refreshes while the others keep using what is held. An
     unknown kid refetches at most once per UNKNOWN_KID_COOLDOWN_SECONDS, so
     made-up kids cannot hammer the JWKS endpoint; after a failed fetch
-    nothing is fetched for FAILED_FETCH_BACKOFF_SECONDS.
+    nothing is fetched for FAILED_FETCH_BACKOFF_SECONDS. Keys are dropped
+    JWKS_MAX_STALE_SECONDS after the last successful fetch: from then on
+    requests get KeysUnavailable (503) until a fetch succeeds again.
     """
 
     def __init__(self, url: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -118,6 +126,7 @@ class JwksCache:
         self.clock = clock
         self._keys: dict[str, Any] = {}
         self._fresh_until = -math.inf
+        self._usable_until = -math.inf
         self._no_fetch_until = -math.inf
         self._next_kid_refetch = -math.inf
         self._lock = threading.Lock()
@@ -125,20 +134,32 @@ class JwksCache:
     def key_for(self, kid: str) -> Any | None:
         """The key for kid, or None if the JWKS does not list it.
 
-        Raises KeysUnavailable when no keys are held and fetching fails.
+        Raises KeysUnavailable when no usable keys are held and fetching fails.
         """
         held = self._keys
+        locked = False
         if kid in held:
-            if self.clock() < self._fresh_until:
+            now = self.clock()
+            if now < self._fresh_until:
                 return held[kid]
-            if not self._lock.acquire(blocking=False):
-                return held[kid]
-        else:
+            if now < self._usable_until:
+                locked = self._lock.acquire(blocking=False)
+                if not locked:
+                    return held[kid]  # another thread is refreshing
+        if not locked:
             self._lock.acquire()
         try:
             self._refresh_if_due(kid)
+            now = self.clock()
+            if self._keys and now >= self._usable_until:
+                logger.warning(
+                    "Dropping the JWKS keys: no successful fetch from %s for %d hours",
+                    self.url,
+                    JWKS_MAX_STALE_SECONDS // 3600,
+                )
+                self._keys = {}
             if not self._keys:
-                wait = self._no_fetch_until - self.clock()
+                wait = self._no_fetch_until - now
                 raise KeysUnavailable(retry_after=max(1, math.ceil(wait)))
             return self._keys.get(kid)
         finally:
@@ -162,21 +183,90 @@ class JwksCache:
             return
         self._keys = keys
         self._fresh_until = now + ttl
+        self._usable_until = now + JWKS_MAX_STALE_SECONDS
 
     def _fetch(self) -> tuple[dict[str, Any], float]:
         """The usable keys by kid and how long they stay fresh."""
-        import httpx
-
+        body, cache_control = _download(self.url)
         try:
-            response = httpx.get(self.url, timeout=JWKS_TIMEOUT_SECONDS)
-            response.raise_for_status()
-            document = response.json()
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
-            raise JwksFetchError(str(error) or type(error).__name__) from error
+            document = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise JwksFetchError(f"the JWKS is not JSON: {error}") from None
         keys = _signing_keys(document)
         if not keys:
             raise JwksFetchError("the JWKS holds no usable RS256 signing key")
-        return keys, _ttl(response.headers.get("cache-control", ""))
+        return keys, _ttl(cache_control)
+
+
+def _download(url: str) -> tuple[bytes, str]:
+    """The body (at most JWKS_MAX_BYTES) and Cache-Control of a GET of url,
+    within JWKS_DEADLINE_SECONDS in total.
+
+    httpx's timeouts bound each network operation, not their sum: a server
+    that sends a byte every few seconds would hold a fetch for as long as it
+    likes. So the download runs in a thread of its own and is abandoned at
+    the deadline; the thread stops at its next read (checking the deadline
+    itself), so it outlives the deadline by at most one read timeout.
+    """
+    deadline = time.monotonic() + JWKS_DEADLINE_SECONDS
+    outcome: list[tuple[bytes, str] | Exception] = []
+
+    def run() -> None:
+        try:
+            outcome.append(_read_capped(url, deadline))
+        except Exception as error:  # noqa: BLE001 - raised again in the caller
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, name="jwks-fetch", daemon=True)
+    worker.start()
+    worker.join(JWKS_DEADLINE_SECONDS)
+    if not outcome:
+        raise JwksFetchError(f"no complete answer within {JWKS_DEADLINE_SECONDS:g} s")
+    result = outcome[0]
+    if isinstance(result, JwksFetchError):
+        raise result
+    if isinstance(result, Exception):
+        # Whatever else a broken endpoint provokes is still a failed fetch.
+        raise JwksFetchError(f"{type(result).__name__}: {result}") from result
+    return result
+
+
+def _read_capped(url: str, deadline: float) -> tuple[bytes, str]:
+    import httpx
+
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with (
+            httpx.Client(timeout=JWKS_DEADLINE_SECONDS) as client,
+            client.stream(
+                "GET", url, headers={"Accept-Encoding": "identity"}
+            ) as response,
+        ):
+            response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if (
+                declared.isascii()
+                and declared.isdigit()
+                and int(declared) > JWKS_MAX_BYTES
+            ):
+                raise JwksFetchError(
+                    f"the JWKS is {declared} bytes, more than {JWKS_MAX_BYTES}"
+                )
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > JWKS_MAX_BYTES:
+                    raise JwksFetchError(
+                        f"the JWKS is more than {JWKS_MAX_BYTES} bytes"
+                    )
+                if time.monotonic() > deadline:
+                    raise JwksFetchError(
+                        f"no complete answer within {JWKS_DEADLINE_SECONDS:g} s"
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks), response.headers.get("cache-control", "")
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
+        raise JwksFetchError(str(error) or type(error).__name__) from error
 
 
 def _signing_keys(document: Any) -> dict[str, Any]:
@@ -268,7 +358,11 @@ class Authenticator:
         except (TypeError, ValueError, OverflowError):
             # jose's time checks call int() on the claim: null, NaN or Infinity
             raise InvalidToken("The token's time claims must be numbers.") from None
-        return Principal(sub=_subject(claims.get("sub")), scopes=_scopes(claims))
+        return Principal(
+            sub=_subject(claims.get("sub")),
+            scopes=_scopes(claims),
+            azp=_client(claims.get("azp")),
+        )
 
 
 def _describe(error: Exception) -> str:
@@ -283,10 +377,12 @@ def _describe(error: Exception) -> str:
     return known.get(message, f"The token is invalid: {message}")
 
 
-def _subject(value: Any) -> str | None:
-    """The `sub` claim, which is stored as a job's `created_by`."""
-    if not isinstance(value, str):
-        return None
+def _subject(value: Any) -> str:
+    """The `sub` claim, which is stored as a job's `created_by` and keeps each
+    caller's Idempotency-Keys apart: required, so no two callers share one
+    namespace by both lacking it."""
+    if not isinstance(value, str) or not value:
+        raise InvalidToken("The token has no subject (sub).")
     try:
         check_text(value)
     except ValueError as error:
@@ -296,6 +392,13 @@ def _subject(value: Any) -> str | None:
             f"The token's subject (sub) is longer than {MAX_SUBJECT_LENGTH} characters."
         )
     return value
+
+
+def _client(value: Any) -> str | None:
+    """The `azp` claim (Auth0's client id) when it is short printable text."""
+    if isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable():
+        return value
+    return None
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

@@ -125,6 +125,7 @@ def _postgres_engine(url: str) -> Engine:
     config = settings.settings_from_env()
     engine = create_engine(
         url,
+        hide_parameters=True,  # errors and echo never show job data
         # No pre-ping: see _ping_after_idle.
         pool_pre_ping=False,
         # Set once per connection, client-side: a statement sent alone is its
@@ -190,6 +191,7 @@ def _sqlite_engine(url: str) -> Engine:
     in_memory = make_url(url).database in (None, "", ":memory:")
     engine = create_engine(
         url,
+        hide_parameters=True,
         # One shared connection keeps an in-memory database alive across requests.
         poolclass=StaticPool if in_memory else None,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
@@ -226,6 +228,7 @@ def migration_engine(url: str) -> Engine:
         return _sqlite_engine(url).execution_options(sqlite_immediate=True)
     return create_engine(
         url,
+        hide_parameters=True,
         poolclass=NullPool,
         connect_args={
             "connect_timeout": settings.settings_from_env().db_connect_timeout,

@@ -7,17 +7,19 @@ invocation, so they are off and nothing depends on them.
 
 `API_GATEWAY_BASE_PATH` names the stage (e.g. `prod`) when the API is deployed
 on a named stage rather than `$default`; Mangum strips it from the path.
+
+Besides API Gateway events, `handler` takes scheduled tasks: an event
+`{"task": "<name>"}` (sent by EventBridge Scheduler) runs `SCHEDULED_TASKS[name]`.
 """
 
 import json
-import logging
+from datetime import UTC, datetime
 
 from mangum import Mangum
 
+import observability
 from main import app, log_unhandled, run_sweep
 from settings import settings_from_env
-
-logger = logging.getLogger("extraction_jobs")
 
 _JSON_500 = json.dumps({"detail": "Internal Server Error"}).encode()
 
@@ -71,15 +73,34 @@ def build_handler(asgi_app) -> Mangum:
 
 
 http_handler = build_handler(app)
-# The EventBridge Scheduler schedule (terraform/schedule.tf) sends this input.
+
+
+def publish_stats(_event: dict) -> dict:
+    """The queue gauges: PendingJobs, ProcessingJobs, OldestPendingAgeSeconds."""
+    pending, processing, oldest = app.state.service.repository.queue_gauges()
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
+    gauges = observability.JobGauges(pending, processing, round(max(age, 0.0), 3))
+    observability.publish_job_gauges(gauges)
+    return {"task": "stats", "pending": pending, "processing": processing}
+
+
+# Scheduled tasks by the event's "task" value: one line per task.
+SCHEDULED_TASKS = {
+    "stats": publish_stats,
+    "sweep": lambda _event: run_sweep(app),
+}
+# The input of the sweep schedule (terraform/schedule.tf).
 SWEEP_EVENT = {"task": "sweep"}
 
 
 def handler(event, context):
-    """HTTP events go to the app; the scheduled sweep event to the sweep."""
-    if isinstance(event, dict) and event.get("task") == SWEEP_EVENT["task"]:
-        return run_sweep(app)
-    return http_handler(event, context)
+    """API Gateway events go to the app; `{"task": ...}` events to their task."""
+    task = event.get("task") if isinstance(event, dict) else None
+    if task is None:
+        return http_handler(event, context)
+    if task not in SCHEDULED_TASKS:
+        raise ValueError(f"unknown scheduled task {task!r}")
+    return SCHEDULED_TASKS[task](event)
 
 
 def migrate(event, context):

@@ -2,7 +2,8 @@
 
 import importlib.util
 import json
-import logging
+import re
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,7 @@ from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import observability
 from auth import (
     READ_SCOPE,
     WRITE_SCOPE,
@@ -63,8 +65,6 @@ from service import (
     VersionMismatch,
 )
 from settings import ConfigError, exit_on_config_error, load_settings
-
-logger = logging.getLogger("extraction_jobs")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_OFFSET = 2**63 - 1  # the largest OFFSET both databases accept
@@ -139,13 +139,25 @@ async def _service(request: Request) -> JobService:
     return request.app.state.service
 
 
+def _logged(dependency):
+    """`dependency`, and the caller it admits noted for the request's log line."""
+
+    async def caller(principal: Annotated[Principal, Depends(dependency)]) -> Principal:
+        observability.note_caller(principal.sub, principal.azp)
+        return principal
+
+    return caller
+
+
 # The job routes are async and run the (blocking) service call in the
 # threadpool themselves: one hop per request, where a sync route takes a
 # second one for FastAPI's response validation.
 Service = Annotated[JobService, Depends(_service)]
-Reader = Annotated[Principal, Security(require_scope(READ_SCOPE), scopes=[READ_SCOPE])]
+Reader = Annotated[
+    Principal, Security(_logged(require_scope(READ_SCOPE)), scopes=[READ_SCOPE])
+]
 Writer = Annotated[
-    Principal, Security(require_scope(WRITE_SCOPE), scopes=[WRITE_SCOPE])
+    Principal, Security(_logged(require_scope(WRITE_SCOPE)), scopes=[WRITE_SCOPE])
 ]
 
 router = APIRouter(prefix="/extraction-jobs", tags=["extraction jobs"])
@@ -157,19 +169,66 @@ def _etag(response: Response, job: Job) -> Job:
     return job
 
 
-def _parse_if_match(value: str | None) -> frozenset[int] | None:
-    """The versions an If-Match header accepts; None means any (absent or `*`).
+# RFC 9110 section 13.1.1: If-Match = "*" / #entity-tag, where
+#   entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE
+#   etagc      = "!" / %x23-7E / obs-text (%x80-FF)
+# Header values arrive as bytes decoded as Latin-1, so a UTF-8 character
+# such as "²" is two obs-text characters: well-formed, and never one of ours.
+_ENTITY_TAG = re.compile(r'(W/)?"([!\x23-\x7e\x80-\U0010ffff]*)"')
+_LIST_GAP = re.compile(r"[ \t,]*")  # OWS and empty list elements
+_AFTER_TAG = re.compile(r"[ \t]*(?:,|\Z)")
+# Our tags are the version in ASCII decimal, no leading zero; 19 digits
+# bound the number (and int() never sees a Unicode digit or 5,000 digits).
+_OUR_OPAQUE_TAG = re.compile(r"[1-9][0-9]{0,18}")
+IF_MATCH_EXAMPLE = '"3"'
 
-    Weak tags never match (RFC 9110 compares If-Match strongly), and a tag
-    that is not one of ours matches nothing.
+
+def _invalid_if_match(reason: str) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "if_match_invalid",
+                "loc": ("header", "If-Match"),
+                "msg": (
+                    f"{reason}: send * or the job's ETag in double quotes, "
+                    f"e.g. If-Match: {IF_MATCH_EXAMPLE} (several tags "
+                    'separated by commas: "2", "3")'
+                ),
+            }
+        ]
+    )
+
+
+def _parse_if_match(values: list[str]) -> frozenset[int] | None:
+    """The versions the If-Match field lines accept; None means any (absent or `*`).
+
+    Raises RequestValidationError (422) when the field is not `*` or a list of
+    entity tags. A well-formed tag that is not one of ours matches nothing, so
+    it ends in 412; so do weak tags (If-Match compares strongly). Several field
+    lines are one comma-separated list (RFC 9110 section 5.3).
     """
-    if value is None or value.strip() == "*":
+    if not values:
         return None
-    versions = set()
-    for tag in value.split(","):
-        tag = tag.strip()
-        if len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-            versions.add(int(tag[1:-1]))
+    text = ", ".join(values)
+    if text.strip(" \t") == "*":
+        return None
+    versions: set[int] = set()
+    tags = 0
+    position = _LIST_GAP.match(text).end()
+    while position < len(text):
+        tag = _ENTITY_TAG.match(text, position)
+        after = tag and _AFTER_TAG.match(text, tag.end())
+        if not after:
+            raise _invalid_if_match(
+                "If-Match must be * or a list of quoted entity tags"
+            )
+        tags += 1
+        weak, opaque = tag.groups()
+        if not weak and _OUR_OPAQUE_TAG.fullmatch(opaque):
+            versions.add(int(opaque))
+        position = _LIST_GAP.match(text, after.end()).end()
+    if not tags:
+        raise _invalid_if_match("If-Match is empty")
     return frozenset(versions)
 
 
@@ -213,8 +272,11 @@ async def create_job(
         service.create, data, created_by=principal.sub, idempotency_key=idempotency_key
     )
     response.headers["Location"] = f"/extraction-jobs/{job.id}"
+    observability.touched(job.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    else:
+        observability.count("JobsCreated")
     return _etag(response, job)
 
 
@@ -228,7 +290,10 @@ async def create_job(
 async def claim_jobs(
     request: ClaimRequest, service: Service, principal: Writer
 ) -> list[Job]:
-    return await run_in_threadpool(service.claim, request, actor=principal.sub)
+    jobs = await run_in_threadpool(service.claim, request, actor=principal.sub)
+    observability.touched(*(job.id for job in jobs))
+    observability.count("JobsClaimed", len(jobs))
+    return jobs
 
 
 @router.get(
@@ -339,6 +404,7 @@ async def job_events(job_id: str, service: Service, _: Reader) -> list[JobEvent]
 async def update_job(
     job_id: str,
     data: JobUpdate,
+    request: Request,
     response: Response,
     service: Service,
     principal: Writer,
@@ -350,12 +416,11 @@ async def update_job(
         ),
     ] = None,
 ) -> Job:
+    # `if_match` declares the header for the OpenAPI document; the parse reads
+    # every If-Match field line, not only the first one that `if_match` holds.
+    versions = _parse_if_match(request.headers.getlist("If-Match"))
     job = await run_in_threadpool(
-        service.update,
-        job_id,
-        data,
-        if_match=_parse_if_match(if_match),
-        actor=principal.sub,
+        service.update, job_id, data, if_match=versions, actor=principal.sub
     )
     return _etag(response, job)
 
@@ -369,7 +434,8 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
         "leases_released": outcome.released,
         "jobs_deleted": outcome.deleted,
     }
-    logger.info(json.dumps({"message": "sweep", **counts}))
+    observability.logger.info("sweep", extra=counts)
+    observability.count("LeasesExpired", outcome.failed + outcome.released)
     return counts
 
 
@@ -438,19 +504,30 @@ class BodySizeLimit:
 
 
 def log_unhandled(scope: dict, error: Exception) -> None:
-    """One JSON log line per unhandled error, with the API Gateway request id."""
+    """One JSON log line per unhandled error, with the request id (no traceback)."""
     request_context = (scope.get("aws.event") or {}).get("requestContext") or {}
-    logger.error(
-        json.dumps(
-            {
-                "message": "unhandled exception",
-                "request_id": request_context.get("requestId"),
-                "method": scope.get("method"),
-                "path": scope.get("path"),
-                "error": f"{type(error).__name__}: {error}",
-            }
-        )
+    route = scope.get("route")
+    observability.logger.error(
+        "unhandled exception",
+        extra={
+            "request_id": observability.current_request_id()
+            or request_context.get("requestId"),
+            "method": scope.get("method"),
+            "route": getattr(route, "path", None) or observability.UNMATCHED_ROUTE,
+            # The type and where it was raised, never the message: a
+            # database error's message can carry the row it refused.
+            "error": type(error).__name__,
+            "at": _raised_at(error),
+        },
     )
+
+
+def _raised_at(error: Exception) -> str | None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
 def _printable(text: str) -> str:
@@ -531,6 +608,25 @@ def _register_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+
+
+FINISHED_COUNTERS = {
+    JobStatus.COMPLETED: "JobsCompleted",
+    JobStatus.FAILED: "JobsFailed",
+}
+
+
+def _count_status_change(status: JobStatus) -> None:
+    if status in FINISHED_COUNTERS:
+        observability.count(FINISHED_COUNTERS[status])
+
+
+class ObservedFastAPI(FastAPI):
+    """FastAPI wrapped, outermost, in the request observer, so that even the
+    500 answered by Starlette's error middleware is logged and counted."""
+
+    def build_middleware_stack(self):
+        return observability.RequestObserver(super().build_middleware_stack())
 
 
 # Swagger UI and ReDoc come from the fastapi-offline package, served by the
@@ -627,7 +723,7 @@ def create_app() -> FastAPI:
     (settings.ConfigError); connects to nothing (engines, tables and keys are
     made on first use)."""
     settings = load_settings()
-    app = FastAPI(
+    app = ObservedFastAPI(
         title="Extraction Job API",
         version="1.0.0",
         description=(
@@ -642,6 +738,7 @@ def create_app() -> FastAPI:
         ExtractionJobRepository(settings.resolved_database_url),
         cursor_secret=settings.cursor_secret,
         retention_days=settings.retention_days,
+        on_status_change=_count_status_change,
     )
     app.add_middleware(BodySizeLimit)
     _register_error_handlers(app)

@@ -860,12 +860,12 @@ class ExtractionJobRepository:
         lease_until: datetime | None = None,
         actor: str | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> Job | None:
+    ) -> tuple[Job, bool] | None:
         """Move the job to `target` along the state machine (see _transition),
         with its event.
 
-        Returns the job after the move, or None when the conditions refused
-        it; the caller re-reads the job to say why.
+        Returns the job after the change and whether its status moved, or None
+        when the conditions refused it; the caller re-reads the job to say why.
         """
         params: dict[str, Any] = {
             "job_id": job_id,
@@ -895,10 +895,13 @@ class ExtractionJobRepository:
             run_at is not None,
             self.is_postgres,
         )
-        if self.is_postgres:
-            return self._one(statement, params, write=True)
 
-        def move(connection: Connection) -> Job | None:
+        def move(connection: Connection) -> tuple[Job, bool] | None:
+            if self.is_postgres:
+                row = connection.execute(statement, params).mappings().first()
+                if row is None:
+                    return None
+                return job_from_row(row), row["old_status"] != target.value
             old_status = connection.execute(
                 select(JOBS.c.status).where(JOBS.c.id == job_id)
             ).scalar()
@@ -908,7 +911,7 @@ class ExtractionJobRepository:
             connection.execute(
                 insert(EVENTS), _transition_event(row, old_status, target, params)
             )
-            return job_from_row(row)
+            return job_from_row(row), old_status != target.value
 
         return run(self.url, move, write=True)
 
@@ -1195,3 +1198,18 @@ class ExtractionJobRepository:
             else max(0.0, (now - oldest).total_seconds()),
             expired_leases=expired,
         )
+
+    def queue_gauges(self) -> tuple[int, int, datetime | None]:
+        """Pending count, processing count, and the oldest pending job's
+        `created_at`, in one query (for the scheduled gauges)."""
+        pending = JOBS.c.status == PENDING
+        processing = JOBS.c.status == PROCESSING
+        query = select(
+            func.count().filter(pending),
+            func.count().filter(processing),
+            func.min(JOBS.c.created_at).filter(pending),
+        ).where(JOBS.c.status.in_([PENDING, PROCESSING]))
+        pending_count, processing_count, oldest = run(
+            self.url, lambda connection: connection.execute(query).one()
+        )
+        return pending_count, processing_count, oldest

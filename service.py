@@ -222,6 +222,7 @@ class JobService:
         *,
         cursor_secret: str | None = None,
         retention_days: int | None = None,
+        on_status_change: Callable[[JobStatus], None] = lambda status: None,
     ) -> None:
         self.repository = repository
         self.clock = clock
@@ -229,6 +230,8 @@ class JobService:
             CursorCodec.derive(cursor_secret) if cursor_secret else None
         )
         self.retention_days = retention_days
+        # A hook for metrics: called with the new status after each PATCH move.
+        self.on_status_change = on_status_change
 
     def database_ok(self) -> None:
         """Raises `DatabaseUnavailable` when the database cannot be reached."""
@@ -278,15 +281,17 @@ class JobService:
             None,
             {"run_at": iso(run_at)} if run_at > now else None,
         )
-        try:
-            return self.repository.add(job, idempotency_key, event), False
-        except IdempotencyKeyTaken:
-            earlier = self.repository.get_by_idempotency_key(
-                created_by, idempotency_key
-            )
-            if earlier is None:
-                raise
-            return self._replay(earlier, data), True
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            try:
+                return self.repository.add(job, idempotency_key, event), False
+            except IdempotencyKeyTaken:
+                earlier = self.repository.get_by_idempotency_key(
+                    created_by, idempotency_key
+                )
+                if earlier is not None:
+                    return self._replay(earlier, data), True
+                # The key's holder is not visible (gone, or not yet): try again.
+        raise UpdateContention()
 
     @staticmethod
     def _replay(earlier: Job, data: JobCreate) -> Job:
@@ -446,7 +451,10 @@ class JobService:
                 detail=self._detail(data, run_at),
             )
             if updated is not None:
-                return updated
+                job, moved = updated
+                if moved:
+                    self.on_status_change(job.status)
+                return job
             job = self.repository.get(uid)
             if job is None:
                 raise JobNotFound(job_id)

@@ -35,6 +35,7 @@ APP_MODULES = (
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "observability.py",
     "settings.py",
     "migration.py",
 )

@@ -25,11 +25,51 @@ resource "aws_apigatewayv2_integration" "lambda" {
   payload_format_version = "2.0"
 }
 
-# Every path goes to the function; the application routes and authenticates
-# (so /health stays public while the job routes require a token).
-resource "aws_apigatewayv2_route" "lambda" {
-  #checkov:skip=CKV_AWS_309:The application validates the Auth0 JWT itself so that /health stays public; an API Gateway authorizer would also block it
-  for_each = toset(["ANY /{proxy+}", "ANY /"])
+# Only these routes exist; any other path is answered 404 by the gateway
+# itself. The job routes need a valid Auth0 token at the gateway (unless
+# auth_disabled), so a request without one never invokes the function and
+# cannot spend its reserved concurrency. The application still validates the
+# token and its permissions itself: the gateway does not read `permissions`.
+locals {
+  job_routes = toset(["ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"])
+  # The docs pages load their JavaScript and CSS from the app (/docs-assets).
+  public_routes = toset([
+    "GET /health",
+    "GET /docs",
+    "GET /openapi.json",
+    "GET /redoc",
+    "GET /docs-assets/{proxy+}",
+  ])
+  auth0_issuer = "https://${var.auth0_domain}/"
+}
+
+resource "aws_apigatewayv2_authorizer" "auth0" {
+  count = var.auth_disabled ? 0 : 1
+
+  api_id           = aws_apigatewayv2_api.main.id
+  name             = "${var.name}-auth0"
+  authorizer_type  = "JWT"
+  identity_sources = ["$request.header.Authorization"]
+
+  jwt_configuration {
+    issuer   = local.auth0_issuer
+    audience = [var.auth0_audience]
+  }
+}
+
+resource "aws_apigatewayv2_route" "jobs" {
+  for_each = local.job_routes
+
+  api_id             = aws_apigatewayv2_api.main.id
+  route_key          = each.key
+  target             = "integrations/${aws_apigatewayv2_integration.lambda.id}"
+  authorization_type = var.auth_disabled ? "NONE" : "JWT"
+  authorizer_id      = var.auth_disabled ? null : aws_apigatewayv2_authorizer.auth0[0].id
+}
+
+resource "aws_apigatewayv2_route" "public" {
+  #checkov:skip=CKV_AWS_309:Public by design and read-only: the health check, the API docs pages with their static assets and the OpenAPI document hold no job data; every job route has the JWT authorizer
+  for_each = local.public_routes
 
   api_id    = aws_apigatewayv2_api.main.id
   route_key = each.key

@@ -69,7 +69,7 @@ resource "aws_cloudwatch_log_group" "lambda" {
 
 resource "aws_lambda_function" "api" {
   #checkov:skip=CKV_AWS_116:Invoked synchronously by API Gateway; the caller gets the error, a dead-letter queue only applies to asynchronous invocations
-  #checkov:skip=CKV_AWS_50:X-Ray tracing needs permissions beyond AWSLambdaVPCAccessExecutionRole, which the role is kept to
+  #checkov:skip=CKV_AWS_50:X-Ray tracing is opt-in (enable_tracing, default off): traces cost money per request and the request log already carries the ids
   #checkov:skip=CKV_AWS_272:The package is built locally by make build; there is no signing profile in this deployment
   #checkov:skip=CKV_AWS_173:Environment variables are encrypted at rest with the AWS-managed Lambda key; a customer-managed key adds cost and key administration
   function_name = local.function_name
@@ -111,9 +111,17 @@ resource "aws_lambda_function" "api" {
         AUTH0_DOMAIN   = var.auth0_domain
         AUTH0_AUDIENCE = var.auth0_audience
         AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
+        # monitoring.tf: the app's logs and EMF metrics
+        LOG_LEVEL         = var.log_level
+        METRICS_ENABLED   = "1"
+        METRICS_NAMESPACE = var.metrics_namespace
       },
       var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
     )
+  }
+
+  tracing_config {
+    mode = var.enable_tracing ? "Active" : "PassThrough"
   }
 
   depends_on = [

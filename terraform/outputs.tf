@@ -42,3 +42,26 @@ output "db_master_user_secret_arn" {
   description = "ARN (not the value) of the Secrets Manager secret in which RDS keeps the master password; only the migration function's role may read it."
   value       = aws_db_instance.main.master_user_secret[0].secret_arn
 }
+
+output "alarm_topic_arn" {
+  description = "SNS topic the CloudWatch alarms notify (created, or alarm_topic_arn)."
+  value       = local.alarm_topic_arn
+}
+
+output "dashboard_name" {
+  description = "Name of the CloudWatch dashboard of the API, the function, the job queue and the database."
+  value       = aws_cloudwatch_dashboard.main.dashboard_name
+}
+
+output "auth_disabled_warning" {
+  description = "Set only when auth_disabled = true, which is a test-only setting."
+  value       = var.auth_disabled ? "WARNING: auth_disabled = true is a TEST-ONLY setting: the API Gateway has no JWT authorizer and the function accepts requests without a token, so anyone who knows api_url can read and change jobs. Never use it for real data." : null
+}
+
+# Also a warning in every plan and apply output while authentication is off.
+check "auth_enabled" {
+  assert {
+    condition     = !var.auth_disabled
+    error_message = "auth_disabled = true is a test-only setting: no JWT authorizer at the gateway and no token check in the function."
+  }
+}

@@ -21,6 +21,22 @@ resource "aws_db_parameter_group" "main" {
     value = "1"
   }
 
+  # No job data in the PostgreSQL log group. psycopg2 sends statements with
+  # their values filled in, and by default (error) the server logs a failing
+  # statement in full, so an idempotency-key race or a statement timeout
+  # would write the job's metadata there. The error itself is still logged.
+  parameter {
+    name  = "log_min_error_statement"
+    value = "panic"
+  }
+
+  # The same for an error's DETAIL: a constraint violation logs
+  # "Failing row contains (...)", the whole row with its metadata.
+  parameter {
+    name  = "log_error_verbosity"
+    value = "terse"
+  }
+
   lifecycle {
     create_before_destroy = true
   }

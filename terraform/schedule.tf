@@ -3,7 +3,7 @@
 # failed, finished jobs past job_retention_days deleted). Claims sweep too, so
 # the schedule only matters when nobody claims for a while.
 
-data "aws_iam_policy_document" "scheduler_assume_role" {
+data "aws_iam_policy_document" "sweep_scheduler_assume_role" {
   statement {
     actions = ["sts:AssumeRole"]
 
@@ -17,13 +17,22 @@ data "aws_iam_policy_document" "scheduler_assume_role" {
 resource "aws_iam_role" "sweep_scheduler" {
   name               = "${var.name}-sweep-scheduler"
   description        = "Lets EventBridge Scheduler invoke the ${var.name} function for the sweep"
-  assume_role_policy = data.aws_iam_policy_document.scheduler_assume_role.json
+  assume_role_policy = data.aws_iam_policy_document.sweep_scheduler_assume_role.json
 }
 
 data "aws_iam_policy_document" "sweep_invoke" {
   statement {
-    actions   = ["lambda:InvokeFunction"]
-    resources = [aws_lambda_function.api.arn]
+    actions = ["lambda:InvokeFunction"]
+    # The function's ARN built from its name, not read from the function: a
+    # document that waits for the function would be re-planned whenever the
+    # function changes (e.g. turning SnapStart on).
+    resources = [format(
+      "arn:%s:lambda:%s:%s:function:%s",
+      data.aws_partition.current.partition,
+      data.aws_region.current.name,
+      data.aws_caller_identity.current.account_id,
+      local.function_name,
+    )]
   }
 }
 

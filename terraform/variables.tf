@@ -311,3 +311,176 @@ variable "enable_snapstart" {
     error_message = "enable_snapstart must be true or false."
   }
 }
+
+# --- Monitoring (monitoring.tf) ------------------------------------------------
+
+variable "log_level" {
+  type        = string
+  description = "LOG_LEVEL of the function: DEBUG, INFO (one line per request), WARNING, ERROR or CRITICAL."
+  default     = "INFO"
+
+  validation {
+    condition     = contains(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], var.log_level)
+    error_message = "log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL."
+  }
+}
+
+variable "metrics_namespace" {
+  type        = string
+  description = "CloudWatch namespace of the app's own metrics (METRICS_NAMESPACE). Give each deployment in one account and region its own."
+  default     = "ExtractionJobs"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9.\\-_/#: ]{1,255}$", var.metrics_namespace)) && !startswith(var.metrics_namespace, "AWS/")
+    error_message = "metrics_namespace must be 1-255 letters, digits or . - _ / # : and must not start with AWS/."
+  }
+}
+
+variable "alarm_email" {
+  type        = string
+  description = "E-mail address subscribed to the alarm topic (AWS sends a confirmation mail first). Empty (the default): no subscription."
+  default     = ""
+
+  validation {
+    condition     = var.alarm_email == "" || can(regex("^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$", var.alarm_email))
+    error_message = "alarm_email must be empty or an e-mail address."
+  }
+}
+
+variable "alarm_topic_arn" {
+  type        = string
+  description = "ARN of an existing SNS topic for the alarms (e.g. your on-call integration). Empty (the default): a topic named <name>-alarms is created."
+  default     = ""
+
+  validation {
+    condition     = var.alarm_topic_arn == "" || can(regex("^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}$", var.alarm_topic_arn))
+    error_message = "alarm_topic_arn must be empty or an SNS topic ARN."
+  }
+}
+
+variable "enable_tracing" {
+  type        = bool
+  description = "X-Ray active tracing of the function (and the IAM permission for it). Billed per trace recorded beyond the free tier; see the README."
+  default     = false
+}
+
+variable "stats_schedule_expression" {
+  type        = string
+  description = "How often EventBridge Scheduler sends the stats task that publishes PendingJobs, ProcessingJobs and OldestPendingAgeSeconds."
+  default     = "rate(1 minute)"
+
+  validation {
+    condition     = can(regex("^rate\\(([1-9][0-9]*) (minute|minutes|hour|hours)\\)$", var.stats_schedule_expression))
+    error_message = "stats_schedule_expression must be a rate such as rate(1 minute) or rate(5 minutes)."
+  }
+}
+
+variable "alarm_lambda_errors_threshold" {
+  type        = number
+  description = "Function errors (crashes, timeouts, out of memory) in 5 minutes that raise the alarm."
+  default     = 1
+
+  validation {
+    condition     = var.alarm_lambda_errors_threshold >= 1 && floor(var.alarm_lambda_errors_threshold) == var.alarm_lambda_errors_threshold
+    error_message = "alarm_lambda_errors_threshold must be a whole number of at least 1."
+  }
+}
+
+variable "alarm_lambda_throttles_threshold" {
+  type        = number
+  description = "Throttled invocations in 5 minutes that raise the alarm."
+  default     = 1
+
+  validation {
+    condition     = var.alarm_lambda_throttles_threshold >= 1 && floor(var.alarm_lambda_throttles_threshold) == var.alarm_lambda_throttles_threshold
+    error_message = "alarm_lambda_throttles_threshold must be a whole number of at least 1."
+  }
+}
+
+variable "alarm_duration_p99_percent_of_timeout" {
+  type        = number
+  description = "The duration alarm fires when the p99 duration exceeds this percentage of the function timeout."
+  default     = 80
+
+  validation {
+    condition     = var.alarm_duration_p99_percent_of_timeout > 0 && var.alarm_duration_p99_percent_of_timeout < 100
+    error_message = "alarm_duration_p99_percent_of_timeout must be between 0 and 100 (exclusive)."
+  }
+}
+
+variable "alarm_api_5xx_rate_percent" {
+  type        = number
+  description = "Percentage of API requests answered 5xx over 5 minutes (with at least 10 requests) that raises the alarm."
+  default     = 5
+
+  validation {
+    condition     = var.alarm_api_5xx_rate_percent > 0 && var.alarm_api_5xx_rate_percent <= 100
+    error_message = "alarm_api_5xx_rate_percent must be greater than 0 and at most 100."
+  }
+}
+
+variable "alarm_db_cpu_percent" {
+  type        = number
+  description = "Average database CPU percentage over 15 minutes that raises the alarm."
+  default     = 80
+
+  validation {
+    condition     = var.alarm_db_cpu_percent > 0 && var.alarm_db_cpu_percent < 100
+    error_message = "alarm_db_cpu_percent must be between 0 and 100 (exclusive)."
+  }
+}
+
+variable "alarm_db_free_storage_percent" {
+  type        = number
+  description = "The storage alarm fires when free space falls under this percentage of db_allocated_storage."
+  default     = 20
+
+  validation {
+    condition     = var.alarm_db_free_storage_percent > 0 && var.alarm_db_free_storage_percent < 100
+    error_message = "alarm_db_free_storage_percent must be between 0 and 100 (exclusive)."
+  }
+}
+
+variable "alarm_db_connections_percent" {
+  type        = number
+  description = "The connections alarm fires above this percentage of what the function may open (lambda_reserved_concurrency x pool of 2)."
+  default     = 80
+
+  validation {
+    condition     = var.alarm_db_connections_percent > 0 && var.alarm_db_connections_percent <= 100
+    error_message = "alarm_db_connections_percent must be greater than 0 and at most 100."
+  }
+}
+
+variable "alarm_db_freeable_memory_mb" {
+  type        = number
+  description = "The memory alarm fires when the database's freeable memory stays under this many MiB for 15 minutes."
+  default     = 64
+
+  validation {
+    condition     = var.alarm_db_freeable_memory_mb >= 1 && floor(var.alarm_db_freeable_memory_mb) == var.alarm_db_freeable_memory_mb
+    error_message = "alarm_db_freeable_memory_mb must be a whole number of at least 1."
+  }
+}
+
+variable "oldest_pending_alarm_seconds" {
+  type        = number
+  description = "The queue alarm fires when the oldest pending job has waited longer than this (or the queue gauges stop arriving)."
+  default     = 900
+
+  validation {
+    condition     = var.oldest_pending_alarm_seconds >= 60 && floor(var.oldest_pending_alarm_seconds) == var.oldest_pending_alarm_seconds
+    error_message = "oldest_pending_alarm_seconds must be a whole number of at least 60."
+  }
+}
+
+variable "pending_jobs_alarm_threshold" {
+  type        = number
+  description = "The backlog alarm fires when more than this many jobs are pending for 10 minutes. 0 (the default): no backlog alarm."
+  default     = 0
+
+  validation {
+    condition     = var.pending_jobs_alarm_threshold >= 0 && floor(var.pending_jobs_alarm_threshold) == var.pending_jobs_alarm_threshold
+    error_message = "pending_jobs_alarm_threshold must be a whole number, 0 to turn the alarm off."
+  }
+}

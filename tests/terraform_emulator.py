@@ -11,6 +11,12 @@ from sqlalchemy import make_url
 from terraform_helpers import EMULATOR_REGION
 
 NAME = "extraction-jobs"  # var.name's default
+# The parameter group's parameters, as terraform/rds.tf sets them.
+DB_PARAMETERS = {
+    "rds.force_ssl": "1",
+    "log_min_error_statement": "panic",
+    "log_error_verbosity": "terse",
+}
 
 
 def emulator_client(endpoint: str, service: str):
@@ -51,8 +57,16 @@ def assert_function_wired_to_private_network_and_database(
         "AUTH0_DOMAIN",
         "AUTH0_AUDIENCE",
         "AUTH_DISABLED",
+        "LOG_LEVEL",
+        "METRICS_ENABLED",
+        "METRICS_NAMESPACE",
     }
     assert env["AUTH_DISABLED"] == "0"
+    assert (env["LOG_LEVEL"], env["METRICS_ENABLED"], env["METRICS_NAMESPACE"]) == (
+        "INFO",
+        "1",
+        "ExtractionJobs",
+    )
     assert (env["AUTH0_DOMAIN"], env["AUTH0_AUDIENCE"]) == (
         variables["auth0_domain"],
         variables["auth0_audience"],
@@ -155,10 +169,17 @@ def unexpected_changes(plan: dict) -> list[tuple[str, list[str]]]:
                 for key, value in change["after"].items()
                 if key != "parameter"
             }
-            readded = [
-                {"apply_method": "immediate", "name": "rds.force_ssl", "value": "1"}
-            ]
-            if before == after and change["after"]["parameter"] == readded:
+            readded = sorted(
+                (
+                    {"apply_method": "immediate", "name": name, "value": value}
+                    for name, value in DB_PARAMETERS.items()
+                ),
+                key=lambda parameter: parameter["name"],
+            )
+            parameters = sorted(
+                change["after"]["parameter"], key=lambda parameter: parameter["name"]
+            )
+            if before == after and parameters == readded:
                 continue
         unexpected.append((resource["address"], change["actions"]))
     unexpected += [
@@ -231,6 +252,40 @@ def assert_sweep_schedule_invokes_the_function(endpoint: str, deployed: dict) ->
     [statement] = policy["Statement"]
     assert statement["Action"] == "lambda:InvokeFunction"
     assert statement["Resource"] == deployed["aws_lambda_function.api"]["arn"]
+
+
+def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) -> None:
+    """The HTTP API as the emulator holds it: an Auth0 JWT authorizer on the
+    job routes, the public routes without one, and no other route."""
+    gateway = emulator_client(endpoint, "apigatewayv2")
+    api_id = deployed["aws_apigatewayv2_api.main"]["id"]
+    authorizer = gateway.get_authorizer(
+        ApiId=api_id,
+        AuthorizerId=deployed["aws_apigatewayv2_authorizer.auth0[0]"]["id"],
+    )
+    assert authorizer["AuthorizerType"] == "JWT"
+    assert authorizer["IdentitySource"] == ["$request.header.Authorization"]
+    assert authorizer["JwtConfiguration"] == {
+        "Issuer": f"https://{variables['auth0_domain']}/",
+        "Audience": [variables["auth0_audience"]],
+    }
+    routes = gateway.get_routes(ApiId=api_id)["Items"]
+    integration = deployed["aws_apigatewayv2_integration.lambda"]["id"]
+    assert {route["Target"] for route in routes} == {f"integrations/{integration}"}
+    jwt = ("JWT", authorizer["AuthorizerId"])
+    public = ("NONE", None)
+    assert {
+        route["RouteKey"]: (route.get("AuthorizationType"), route.get("AuthorizerId"))
+        for route in routes
+    } == {
+        "ANY /extraction-jobs": jwt,
+        "ANY /extraction-jobs/{proxy+}": jwt,
+        "GET /health": public,
+        "GET /docs": public,
+        "GET /openapi.json": public,
+        "GET /redoc": public,
+        "GET /docs-assets/{proxy+}": public,
+    }
 
 
 MIGRATION_FUNCTION = f"{NAME}-migrate"
@@ -437,3 +492,110 @@ def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]
         ):
             gaps.append(resource["address"])
     return [change for change in unexpected_changes(plan) if change[0] not in gaps]
+
+
+def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -> None:
+    """Alarms on the topic, the e-mail subscription, the dashboard and the
+    stats schedule, as the emulator holds them."""
+    topic = deployed["aws_sns_topic.alarms[0]"]["arn"]
+    cloudwatch = emulator_client(endpoint, "cloudwatch")
+    alarms = {
+        alarm["AlarmName"].removeprefix(f"{NAME}-"): alarm
+        for alarm in cloudwatch.describe_alarms(AlarmNamePrefix=f"{NAME}-")[
+            "MetricAlarms"
+        ]
+    }
+    assert set(alarms) == {
+        "lambda-errors",
+        "lambda-throttles",
+        "lambda-duration-p99",
+        "api-5xx-rate",
+        "db-cpu",
+        "db-free-storage",
+        "db-connections",
+        "db-freeable-memory",
+        "oldest-pending-job",
+        "pending-jobs",
+    }
+    assert all(alarm["AlarmActions"] == [topic] for alarm in alarms.values())
+    assert alarms["oldest-pending-job"]["TreatMissingData"] == "breaching"
+    assert (
+        alarms["pending-jobs"]["Threshold"] == variables["pending_jobs_alarm_threshold"]
+    )
+    assert {m["Id"] for m in alarms["api-5xx-rate"]["Metrics"]} == {
+        "rate",
+        "errors",
+        "requests",
+    }
+
+    subscriptions = emulator_client(endpoint, "sns").list_subscriptions_by_topic(
+        TopicArn=topic
+    )["Subscriptions"]
+    assert [(s["Protocol"], s["Endpoint"]) for s in subscriptions] == [
+        ("email", variables["alarm_email"])
+    ]
+
+    widgets = json.loads(cloudwatch.get_dashboard(DashboardName=NAME)["DashboardBody"])[
+        "widgets"
+    ]
+    metrics = [
+        metric
+        for widget in widgets
+        if widget["type"] == "metric"
+        for metric in widget["properties"]["metrics"]
+    ]
+    assert {
+        ("AWS/ApiGateway", "Count"),
+        ("AWS/ApiGateway", "5xx"),
+        ("AWS/ApiGateway", "Latency"),
+        ("AWS/Lambda", "ConcurrentExecutions"),
+        ("ExtractionJobs", "PendingJobs"),
+        ("ExtractionJobs", "ProcessingJobs"),
+        ("ExtractionJobs", "OldestPendingAgeSeconds"),
+        ("ExtractionJobs", "JobsCreated"),
+        ("AWS/RDS", "CPUUtilization"),
+        ("AWS/RDS", "DatabaseConnections"),
+        ("AWS/RDS", "FreeStorageSpace"),
+    } <= {(metric[0], metric[1]) for metric in metrics}
+    latency = {m[-1]["stat"] for m in metrics if m[:2] == ["AWS/ApiGateway", "Latency"]}
+    assert latency == {"p50", "p90", "p99"}
+    api_id = deployed["aws_apigatewayv2_api.main"]["id"]
+    assert all(m[2:4] == ["ApiId", api_id] for m in metrics if m[0] == "AWS/ApiGateway")
+    (cold_starts,) = [w for w in widgets if w["type"] == "log"]
+    assert "@initDuration" in cold_starts["properties"]["query"]
+
+    schedule = emulator_client(endpoint, "scheduler").get_schedule(Name=f"{NAME}-stats")
+    assert schedule["ScheduleExpression"] == "rate(1 minute)"
+    assert schedule["Target"]["Arn"] == deployed["aws_lambda_function.api"]["arn"]
+    assert schedule["Target"]["RoleArn"] == deployed["aws_iam_role.scheduler"]["arn"]
+    assert json.loads(schedule["Target"]["Input"]) == {"task": "stats"}
+
+
+def monitoring_leftovers(endpoint: str) -> dict[str, list]:
+    """Whatever of this deployment's monitoring is still in the emulator."""
+    cloudwatch = emulator_client(endpoint, "cloudwatch")
+    found = {
+        "alarms": [
+            a["AlarmName"]
+            for a in cloudwatch.describe_alarms(AlarmNamePrefix=f"{NAME}-")[
+                "MetricAlarms"
+            ]
+        ],
+        "dashboards": [
+            d["DashboardName"]
+            for d in cloudwatch.list_dashboards(DashboardNamePrefix=NAME)[
+                "DashboardEntries"
+            ]
+        ],
+        "topics": [
+            t["TopicArn"]
+            for t in emulator_client(endpoint, "sns").list_topics()["Topics"]
+        ],
+        "schedules": [
+            s["Name"]
+            for s in emulator_client(endpoint, "scheduler").list_schedules()[
+                "Schedules"
+            ]
+        ],
+    }
+    return {kind: names for kind, names in found.items() if names}

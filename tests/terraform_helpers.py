@@ -28,6 +28,7 @@ CLI_CONFIG_SCRIPT = REPO_ROOT / "scripts" / "tf_cli_config.sh"
 # Every service the configuration calls; anything missing here would go to real AWS.
 EMULATED_SERVICES = (
     "apigatewayv2",
+    "cloudwatch",
     "ec2",
     "iam",
     "lambda",
@@ -35,6 +36,7 @@ EMULATED_SERVICES = (
     "rds",
     "scheduler",
     "secretsmanager",
+    "sns",
     "sts",
 )
 EMULATOR_REGION = "us-east-1"

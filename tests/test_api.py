@@ -6,12 +6,17 @@ only through that `document_id` filter.
 """
 
 import itertools
+import os
 import re
 import uuid
 from datetime import datetime
 
+import httpx
 import pytest
+from conftest import API_URL
+from fastapi.testclient import TestClient
 
+from main import create_app
 from models import MAX_METADATA_BYTES, JobStatus
 
 ISO_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
@@ -436,7 +441,10 @@ def test_health_is_ok(api):
 
 
 def test_unknown_route_and_method_use_detail(api):
-    assert_detail(api.get("/no-such-route"), 404)
+    # Deployed, a path with no route is the gateway's own 404 (no catch-all).
+    response = api.get("/no-such-route")
+    if response.json() != GATEWAY_NOT_FOUND:
+        assert_detail(response, 404)
     assert_detail(api.delete(f"/extraction-jobs/{uuid.uuid4()}"), 405)
 
 
@@ -462,3 +470,116 @@ def test_openapi_describes_every_route_bound_and_error(api):
     limit = next(p for p in listing if p["name"] == "limit")["schema"]
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (0, 1000, 100)
     assert api.get("/docs").status_code == 200
+
+
+# --- without a token ------------------------------------------------------------
+#
+# Deployed, the gateway's JWT authorizer answers a request without a valid
+# token itself: 401 {"message": "Unauthorized"}, the function never runs. In
+# process (or with auth_disabled, no gateway authorizer) the app answers
+# RFC 6750's 401. Either is right; nothing else is.
+
+GATEWAY_UNAUTHORIZED = {"message": "Unauthorized"}
+GATEWAY_NOT_FOUND = {"message": "Not Found"}
+
+
+def assert_unauthenticated(response, *, invalid_token: bool = False) -> None:
+    assert response.status_code == 401, response.text
+    body = response.json()
+    challenge = response.headers.get("www-authenticate", "")
+    if body == GATEWAY_UNAUTHORIZED:
+        if invalid_token:
+            assert 'error="invalid_token"' in challenge
+        return
+    assert set(body) == {"detail"}
+    assert challenge.startswith('Bearer realm="extraction-jobs"')
+    if invalid_token:
+        assert 'error="invalid_token"' in challenge
+
+
+@pytest.fixture
+def anonymous(request, tmp_path, monkeypatch):
+    """A client that sends no token: to the deployed API, or in process to
+    an app with auth on (these requests are refused before any key is
+    fetched, so the JWKS URL is a closed port on 127.0.0.1)."""
+    if API_URL:
+        if not os.environ.get("API_TOKEN", "").strip():
+            pytest.skip("API_TOKEN is unset: taken as a deployment with auth off")
+        with httpx.Client(base_url=API_URL.rstrip("/"), timeout=30) as client:
+            yield client
+        return
+    monkeypatch.delenv("AUTH_DISABLED")
+    monkeypatch.setenv("AUTH0_DOMAIN", "tenant.example.invalid")
+    monkeypatch.setenv("AUTH0_AUDIENCE", "https://extraction-jobs.example.invalid")
+    monkeypatch.setenv("AUTH0_JWKS_URL", "http://127.0.0.1:1/.well-known/jwks.json")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'jobs.db'}")
+    yield TestClient(create_app())
+
+
+JOB_PATH = "/extraction-jobs/00000000-0000-4000-8000-000000000000"
+NO_TOKEN_REQUESTS = [
+    ("GET", "/extraction-jobs", None),
+    ("POST", "/extraction-jobs", {"document_id": "contract-test-no-token"}),
+    ("POST", "/extraction-jobs/claim", {"worker_id": "contract-test-no-token"}),
+    ("GET", JOB_PATH, None),
+    ("PATCH", JOB_PATH, {"status": "failed"}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), NO_TOKEN_REQUESTS)
+def test_job_routes_without_a_token_are_401(anonymous, method, path, body):
+    assert_unauthenticated(anonymous.request(method, path, json=body))
+
+
+@pytest.mark.parametrize(("method", "path", "body"), NO_TOKEN_REQUESTS)
+def test_job_routes_with_a_token_that_is_not_a_jwt_are_401(
+    anonymous, method, path, body
+):
+    headers = {"Authorization": "Bearer not-a-jwt"}
+    response = anonymous.request(method, path, json=body, headers=headers)
+    assert_unauthenticated(response, invalid_token=True)
+
+
+@pytest.mark.parametrize("path", ["/health", "/openapi.json", "/docs", "/redoc"])
+def test_public_routes_need_no_token(anonymous, path):
+    assert anonymous.get(path).status_code == 200
+
+
+def fake_response(status: int, body: dict, challenge: str | None = None):
+    headers = {"www-authenticate": challenge} if challenge else {}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("response", "invalid_token"),
+    [
+        (fake_response(401, GATEWAY_UNAUTHORIZED), False),
+        (
+            fake_response(
+                401,
+                GATEWAY_UNAUTHORIZED,
+                'Bearer scope="" error="invalid_token" error_description="x"',
+            ),
+            True,
+        ),
+        (fake_response(401, {"detail": "x"}, 'Bearer realm="extraction-jobs"'), False),
+    ],
+    ids=["gateway-no-token", "gateway-invalid", "app"],
+)
+def test_both_401_shapes_are_accepted(response, invalid_token):
+    assert_unauthenticated(response, invalid_token=invalid_token)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        fake_response(200, []),
+        fake_response(403, {"detail": "x"}, 'Bearer realm="extraction-jobs"'),
+        fake_response(401, {"detail": "x"}),
+        fake_response(401, {"message": "Forbidden"}),
+    ],
+    ids=["200", "403", "no-challenge", "other-gateway-body"],
+)
+def test_other_answers_are_not_taken_for_a_401(response):
+    with pytest.raises(AssertionError):
+        assert_unauthenticated(response)

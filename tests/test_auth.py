@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -781,3 +782,219 @@ def test_subject_of_255_characters_is_recorded(client, key_a):
     response = create_job(client, sign(key_a, sub=sub))
     assert response.status_code == 201, response.text
     assert response.json()["created_by"] == sub
+
+
+# --- hardening: sub required, bounded JWKS fetch, bounded staleness ----------
+
+
+@pytest.mark.parametrize("sub", [OMIT, ""], ids=["absent", "empty"])
+def test_token_without_subject_is_invalid_token(client, key_a, sub):
+    """Callers without `sub` would share one Idempotency-Key namespace."""
+    token = sign(key_a, sub=sub)
+    response = create_job(client, token)
+    assert_invalid_token(response, token)
+    assert "(sub)" in response.json()["detail"]
+    assert client.get("/extraction-jobs", headers=bearer(sign(key_a))).json() == []
+
+
+def test_two_callers_never_replay_each_others_idempotent_create(client, key_a):
+    headers = {"Idempotency-Key": "same-key"}
+    body = {"document_id": "doc-1.pdf"}
+    first = client.post(
+        "/extraction-jobs", json=body, headers=headers | bearer(sign(key_a, sub="a"))
+    )
+    second = client.post(
+        "/extraction-jobs", json=body, headers=headers | bearer(sign(key_a, sub="b"))
+    )
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert "idempotent-replayed" not in second.headers
+    assert first.json()["id"] != second.json()["id"]
+
+
+class RawHttpServer:
+    """A loopback HTTP server that answers with whatever `respond` writes,
+    byte by byte if it likes: for JWKS endpoints that drip or overflow."""
+
+    def __init__(self, respond) -> None:
+        self.respond = respond
+        self.stop = threading.Event()
+        self.finished: list[float] = []
+        server = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    data = self.request.recv(4096)
+                    if not data:
+                        return
+                    received += data
+                try:
+                    server.respond(self.request.sendall, server.stop)
+                except OSError:
+                    return  # the client gave up
+                server.finished.append(time.monotonic())
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/.well-known/jwks.json"
+
+    def close(self) -> None:
+        self.stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def drip(data: bytes, every: float):
+    """Send `data` one byte per `every` seconds (until the test ends)."""
+
+    def respond(send, stop: threading.Event) -> None:
+        for byte in data:
+            send(bytes([byte]))
+            if stop.wait(every):
+                return
+
+    return respond
+
+
+def jwks_answer(keys: list[dict], *, chunked: bool = False, pad: int = 0) -> bytes:
+    body = json.dumps({"keys": keys, "padding": "x" * pad}).encode()
+    if chunked:
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        pieces = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+        return (
+            head
+            + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+            + b"0\r\n\r\n"
+        )
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+@pytest.fixture
+def raw_jwks(auth_env):
+    """Point the app's JWKS URL at a RawHttpServer built by the test."""
+    servers = []
+
+    def serve(respond) -> RawHttpServer:
+        server = RawHttpServer(respond)
+        servers.append(server)
+        auth_env.setenv("AUTH0_JWKS_URL", server.url)
+        return server
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+def timed_get(client, token: str):
+    started = time.monotonic()
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    return response, time.monotonic() - started
+
+
+def test_jwks_deadline_is_five_seconds_and_the_cap_64_kib():
+    assert auth.JWKS_DEADLINE_SECONDS == 5.0
+    assert auth.JWKS_MAX_BYTES == 64 * 1024
+
+
+def test_jwks_dripping_one_byte_every_3_s_is_abandoned_at_the_deadline(
+    raw_jwks, make_client, key_a
+):
+    """The review's case: a byte every 3 s used to hold a fetch for 21 s."""
+    answer = jwks_answer([key_a.public_jwk()])
+    head, body = answer.split(b"\r\n\r\n", 1)
+    server = raw_jwks(
+        lambda send, stop: (send(head + b"\r\n\r\n"), drip(body, 3.0)(send, stop))
+    )
+    response, elapsed = timed_get(make_client(), sign(key_a))
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    assert 5.0 <= elapsed < 8.0, f"the fetch took {elapsed:.1f} s"
+    assert server.finished == [], "the server was still sending"
+
+
+def test_jwks_dripping_its_status_line_is_abandoned_at_the_deadline(
+    raw_jwks, make_client, key_a, monkeypatch
+):
+    """The deadline covers the wait for headers too, not only the body."""
+    monkeypatch.setattr(auth, "JWKS_DEADLINE_SECONDS", 1.0)
+    raw_jwks(drip(jwks_answer([key_a.public_jwk()]), 0.2))
+    response, elapsed = timed_get(make_client(), sign(key_a))
+    assert response.status_code == 503, response.text
+    assert 1.0 <= elapsed < 3.0, f"the fetch took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_jwks_over_64_kib_is_refused(raw_jwks, make_client, key_a, chunked, caplog):
+    raw_jwks(
+        lambda send, stop: send(
+            jwks_answer([key_a.public_jwk()], chunked=chunked, pad=64 * 1024)
+        )
+    )
+    response = make_client().get("/extraction-jobs", headers=bearer(sign(key_a)))
+    assert response.status_code == 503, response.text
+    assert "more than 65536" in caplog.text
+
+
+def test_jwks_just_under_64_kib_is_accepted(raw_jwks, make_client, key_a):
+    keys = [key_a.public_jwk()]
+    size = len(jwks_answer(keys).split(b"\r\n\r\n", 1)[1])
+    raw_jwks(lambda send, stop: send(jwks_answer(keys, pad=64 * 1024 - size)))
+    response = make_client().get("/extraction-jobs", headers=bearer(sign(key_a)))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\xb2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"[" * 20000,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\xff\xfe{}",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n{}",
+        b"HTTP/1.1 301 Moved\r\nLocation: http://127.0.0.1:9/\r\n\r\n",
+        b"garbage\r\n\r\n",
+    ],
+    ids=["unicode-length", "deep-json", "not-utf8", "short-body", "redirect", "junk"],
+)
+def test_broken_jwks_answers_are_503_not_500(raw_jwks, make_client, key_a, answer):
+    raw_jwks(lambda send, stop: send(answer))
+    response = make_client().get("/extraction-jobs", headers=bearer(sign(key_a)))
+    assert response.status_code == 503, response.text
+
+
+def test_stale_keys_are_used_for_at_most_24_hours_then_503(client, key_a, jwks, clock):
+    token = sign(key_a)
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    jwks.up = False
+    clock.now += 24 * 3600 - 1
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    clock.now += 1
+    response = client.get("/extraction-jobs", headers=bearer(token))
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
+    clock.now += 720 * 3600  # the review's case: still verifying 720 h later
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 503
+
+    jwks.up = True
+    clock.now += auth.FAILED_FETCH_BACKOFF_SECONDS
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+
+
+def test_a_successful_refresh_restarts_the_24_hours(client, key_a, jwks, clock):
+    token = sign(key_a)
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    clock.now += 20 * 3600
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    jwks.up = False
+    clock.now += 23 * 3600
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 200
+    clock.now += 3600
+    assert client.get("/extraction-jobs", headers=bearer(token)).status_code == 503

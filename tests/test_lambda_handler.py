@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from lambda_events import LambdaContext, http_api_event, response_json
 
 import lambda_handler
+import observability
 from main import create_app
 
 Invoke = Callable[[dict[str, Any]], dict[str, Any]]
@@ -174,6 +175,6 @@ def assert_one_json_error_line(caplog: pytest.LogCaptureFixture, request_id: str
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(problems) == 1, [r.getMessage() for r in problems]
     assert not any(record.exc_info for record in caplog.records)
-    line = problems[0].getMessage()
+    line = observability.logger.registered_formatter.format(problems[0])
     assert "\n" not in line
     assert json.loads(line)["request_id"] == request_id

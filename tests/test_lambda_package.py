@@ -40,6 +40,7 @@ APP_MODULES = {
     "schemas.py",
     "service.py",
     "lambda_handler.py",
+    "observability.py",
     "settings.py",
     "migration.py",
 } | {  # Alembic's environment and revisions
@@ -225,9 +226,11 @@ def test_isolated_interpreter_serves_api_gateway_events(
         assert not not_needed, f"imported on SQLite with auth disabled: {not_needed}"
     else:
         assert "psycopg2" in lambda_.modules
-    logs = lambda_.close().strip().splitlines()
-    assert len(logs) == 1, logs
-    assert json.loads(logs[0])["request_id"] == "Lc3Ayl9dKCOGONS="
+    logs = [json.loads(line) for line in lambda_.close().strip().splitlines()]
+    errors = [line for line in logs if line["level"] != "INFO"]
+    assert len(errors) == 1, errors
+    assert errors[0]["request_id"] == "Lc3Ayl9dKCOGONS="
+    assert len(logs) == 1 + len(lambda_.request_seconds)  # plus one per request
     print(
         f"\n{backend}: import {lambda_.import_seconds * 1000:.0f} ms, first request "
         f"{lambda_.request_seconds[0] * 1000:.0f} ms, next ones "

@@ -17,12 +17,15 @@ from terraform_emulator import (
     assert_api_invokes_the_snapstart_alias,
     assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
+    assert_gateway_authorizer,
     assert_migration_function_reads_the_secret_by_arn,
+    assert_monitoring_deployed,
     assert_network_isolation,
     assert_no_password_in_state_or_environment,
     assert_only_the_migration_role_reads_the_secret,
     assert_sweep_schedule_invokes_the_function,
     leftovers,
+    monitoring_leftovers,
     state_values,
     unexpected_changes,
     unexpected_changes_under_snapstart,
@@ -47,6 +50,14 @@ REQUIRED_VARS = {
     "auth0_audience": "https://api.example.com",
 }
 NAME = "extraction-jobs"  # var.name's default
+JOB_ROUTES = {"ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"}
+PUBLIC_ROUTES = {
+    "GET /health",
+    "GET /docs",
+    "GET /openapi.json",
+    "GET /redoc",
+    "GET /docs-assets/{proxy+}",
+}
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +196,12 @@ def test_database_is_private_encrypted_backed_up_and_protected(resources: dict) 
 def test_database_requires_tls(plan: dict, resources: dict) -> None:
     group = resources["aws_db_parameter_group.main"]
     assert group["family"] == "postgres16"
-    assert {p["name"]: p["value"] for p in group["parameter"]} == {"rds.force_ssl": "1"}
+    assert {p["name"]: p["value"] for p in group["parameter"]} == {
+        "rds.force_ssl": "1",
+        # no job data in the PostgreSQL log group (statement text, DETAIL)
+        "log_min_error_statement": "panic",
+        "log_error_verbosity": "terse",
+    }
     assert "aws_db_parameter_group.main" in references(
         plan, "aws_db_instance.main", "parameter_group_name"
     )
@@ -325,6 +341,7 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
         "aws_iam_role_policy.migration_read_master_secret",
         # The sweep scheduler's (schedule.tf), not the function's.
         "aws_iam_role_policy.sweep_invoke",
+        "aws_iam_role_policy.scheduler_invoke",  # the stats schedule's own role
     }
     assert "aws_iam_role.lambda" in references(
         plan, "aws_iam_role_policy.lambda_rds_connect", "role"
@@ -355,10 +372,9 @@ def test_api_sends_every_route_to_the_function_with_payload_2(resources: dict) -
         "2.0",
     )
     routes = of_type(resources, "aws_apigatewayv2_route")
-    assert {route["route_key"] for route in routes.values()} == {
-        "ANY /{proxy+}",
-        "ANY /",
-    }
+    assert {
+        route["route_key"] for route in routes.values()
+    } == JOB_ROUTES | PUBLIC_ROUTES
 
 
 def test_api_stage_throttles_and_writes_json_access_logs(
@@ -408,9 +424,13 @@ def test_outputs(plan: dict) -> None:
         "lambda_log_group_name",
         "api_access_log_group_name",
         "rds_log_group_names",
+        "alarm_topic_arn",
+        "dashboard_name",
+        "auth_disabled_warning",
         "migration_function_name",
         "db_master_user_secret_arn",
     }
+    assert plan["output_changes"]["auth_disabled_warning"]["after"] is None
 
 
 def test_bad_variable_values_are_refused(planner: Terraform) -> None:
@@ -490,6 +510,51 @@ def test_snapstart_publishes_a_version_and_the_api_invokes_its_alias(
         references(plan, "aws_apigatewayv2_integration.lambda", "integration_uri")
     )
     assert snapstart["aws_lambda_permission.api_gateway"]["qualifier"] == "live"
+
+
+# --- The gateway's JWT authorizer -------------------------------------------
+
+
+def route_authorization(resources: dict) -> dict[str, str | None]:
+    routes = of_type(resources, "aws_apigatewayv2_route")
+    return {r["route_key"]: r["authorization_type"] for r in routes.values()}
+
+
+def test_job_routes_need_a_jwt_at_the_gateway_and_public_routes_do_not(
+    plan: dict, resources: dict
+) -> None:
+    (authorizer,) = of_type(resources, "aws_apigatewayv2_authorizer").values()
+    assert authorizer["authorizer_type"] == "JWT"
+    assert authorizer["identity_sources"] == ["$request.header.Authorization"]
+    assert authorizer["jwt_configuration"] == [
+        {
+            "issuer": f"https://{REQUIRED_VARS['auth0_domain']}/",
+            "audience": [REQUIRED_VARS["auth0_audience"]],
+        }
+    ]
+    assert route_authorization(resources) == {
+        **dict.fromkeys(JOB_ROUTES, "JWT"),
+        **dict.fromkeys(PUBLIC_ROUTES, "NONE"),
+    }
+    assert "aws_apigatewayv2_authorizer.auth0" in references(
+        plan, "aws_apigatewayv2_route.jobs", "authorizer_id"
+    )
+    assert references(plan, "aws_apigatewayv2_route.public", "authorizer_id") == []
+    # The route keys above are all there is: no catch-all ("ANY /{proxy+}",
+    # "$default"), so an unknown path is the gateway's 404, not an invocation.
+
+
+def test_auth_disabled_drops_the_authorizer_and_warns(planner: Terraform) -> None:
+    result = planner.run(
+        "plan", "-var", "auth_disabled=true", "-out=auth-disabled.tfplan"
+    )
+    plan = planner.show_json("auth-disabled.tfplan")
+    resources = planned_resources(plan)
+    assert of_type(resources, "aws_apigatewayv2_authorizer") == {}
+    assert set(route_authorization(resources).values()) == {"NONE"}
+    warning = plan["output_changes"]["auth_disabled_warning"]["after"]
+    assert "auth_disabled = true is a TEST-ONLY setting" in warning
+    assert "test-only setting" in " ".join(result.stdout.split())
 
 
 # --- Migrations and database credentials ----------------------------------------
@@ -643,6 +708,8 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "lambda_zip_path": str(lambda_zip),
         "db_deletion_protection": False,
         "db_skip_final_snapshot": True,
+        "alarm_email": "oncall@example.com",
+        "pending_jobs_alarm_threshold": 500,
         # moto stores a function but cannot run it, so the migration cannot be
         # invoked here; everything else about it is deployed and checked.
         "run_migrations_on_apply": False,
@@ -657,11 +724,13 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         )
         assert_network_isolation(moto_endpoint, deployed)
         assert_sweep_schedule_invokes_the_function(moto_endpoint, deployed)
+        assert_gateway_authorizer(moto_endpoint, deployed, variables)
         raw_state = (terraform.workdir / "terraform.tfstate").read_text()
         assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)
         assert_migration_function_reads_the_secret_by_arn(moto_endpoint)
         assert_only_the_migration_role_reads_the_secret(moto_endpoint)
         assert_api_role_connects_as_exactly_the_app_user(moto_endpoint)
+        assert_monitoring_deployed(moto_endpoint, deployed, variables)
 
         terraform.run("plan", "-out=replan.tfplan")
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []
@@ -685,3 +754,147 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
 
     assert terraform.run("state", "list").stdout.split() == []
     assert leftovers(moto_endpoint) == {}
+    assert monitoring_leftovers(moto_endpoint) == {}
+
+
+# --- Monitoring: alarms, topic, dashboard, stats schedule, tracing ------------
+
+GIB = 1024**3
+
+
+def alarms_by_name(resources: dict) -> dict[str, dict]:
+    return {
+        alarm["alarm_name"].removeprefix(f"{NAME}-"): alarm
+        for alarm in of_type(resources, "aws_cloudwatch_metric_alarm").values()
+    }
+
+
+def test_alarms_have_deliberate_thresholds_and_missing_data(resources: dict) -> None:
+    alarms = alarms_by_name(resources)
+    summary = {
+        name: (
+            alarm["namespace"],
+            alarm["metric_name"],
+            alarm["comparison_operator"].removesuffix("Threshold"),
+            alarm["threshold"],
+            alarm["treat_missing_data"],
+        )
+        for name, alarm in alarms.items()
+    }
+    assert summary == {
+        "lambda-errors": ("AWS/Lambda", "Errors", "GreaterThanOrEqualTo", 1, "notBreaching"),
+        "lambda-throttles": ("AWS/Lambda", "Throttles", "GreaterThanOrEqualTo", 1, "notBreaching"),
+        # 80% of the 30 s timeout
+        "lambda-duration-p99": ("AWS/Lambda", "Duration", "GreaterThan", 24000, "notBreaching"),
+        "api-5xx-rate": (None, None, "GreaterThan", 5, "notBreaching"),
+        "db-cpu": ("AWS/RDS", "CPUUtilization", "GreaterThan", 80, "missing"),
+        # 20% of the 20 GiB allocated
+        "db-free-storage": ("AWS/RDS", "FreeStorageSpace", "LessThan", 4 * GIB, "missing"),
+        # 80% of 10 instances x a pool of 2
+        "db-connections": ("AWS/RDS", "DatabaseConnections", "GreaterThan", 16, "missing"),
+        "db-freeable-memory": ("AWS/RDS", "FreeableMemory", "LessThan", 64 * 2**20, "missing"),
+        # a silent gauge is an unwatched queue
+        "oldest-pending-job": ("ExtractionJobs", "OldestPendingAgeSeconds", "GreaterThan", 900, "breaching"),
+    }  # fmt: skip
+    assert alarms["lambda-duration-p99"]["extended_statistic"] == "p99"
+    rate = {q["id"]: q for q in alarms["api-5xx-rate"]["metric_query"]}
+    assert (
+        rate["rate"]["expression"] == "IF(requests >= 10, 100 * errors / requests, 0)"
+    )
+    assert {
+        (rate[i]["metric"][0]["namespace"], rate[i]["metric"][0]["metric_name"])
+        for i in ("errors", "requests")
+    } == {("AWS/ApiGateway", "5xx"), ("AWS/ApiGateway", "Count")}
+
+
+def test_every_alarm_notifies_the_created_topic(plan: dict, resources: dict) -> None:
+    assert resources["aws_sns_topic.alarms[0]"]["name"] == f"{NAME}-alarms"
+    assert of_type(resources, "aws_sns_topic_subscription") == {}  # no alarm_email
+    alarms = of_type(resources, "aws_cloudwatch_metric_alarm")
+    assert len(alarms) == 9
+    for address in alarms:
+        config_address = address.split("[")[0]
+        for actions in ("alarm_actions", "ok_actions"):
+            assert references(plan, config_address, actions) == [
+                "local.alarm_topic_arn"
+            ]
+
+
+def test_stats_schedule_invokes_the_function_with_the_stats_task(
+    plan: dict, resources: dict
+) -> None:
+    schedule = resources["aws_scheduler_schedule.stats"]
+    assert schedule["schedule_expression"] == "rate(1 minute)"
+    (target,) = schedule["target"]
+    assert json.loads(target["input"]) == {"task": "stats"}
+    assert target["retry_policy"][0]["maximum_retry_attempts"] == 0
+    assert "aws_lambda_function.api.arn" in references(
+        plan, "aws_scheduler_schedule.stats", "target", 0, "arn"
+    )
+    assume = json.loads(resources["aws_iam_role.scheduler"]["assume_role_policy"])
+    assert [s["Principal"] for s in assume["Statement"]] == [
+        {"Service": "scheduler.amazonaws.com"}
+    ]
+    assert "data.aws_iam_policy_document.scheduler_invoke" in references(
+        plan, "aws_iam_role_policy.scheduler_invoke", "policy"
+    )
+
+
+def test_function_environment_and_tracing_default(plan: dict, resources: dict) -> None:
+    """The values are checked on the deployed function (the map is unknown
+    until apply, as it holds the database address)."""
+    env = references(plan, "aws_lambda_function.api", "environment", 0, "variables")
+    assert {"var.log_level", "var.metrics_namespace"} <= set(env)
+    function = resources["aws_lambda_function.api"]
+    assert function["tracing_config"] == [{"mode": "PassThrough"}]
+
+
+def test_monitoring_options_existing_topic_email_backlog_and_tracing(
+    planner: Terraform,
+) -> None:
+    topic = "arn:aws:sns:us-east-1:123456789012:oncall"
+    planner.run(
+        "plan",
+        "-out=options.tfplan",
+        *("-var", f"alarm_topic_arn={topic}"),
+        *("-var", "alarm_email=oncall@example.com"),
+        *("-var", "pending_jobs_alarm_threshold=250"),
+        *("-var", "enable_tracing=true"),
+        *("-var", "metrics_namespace=Team/Jobs"),
+        *("-var", "oldest_pending_alarm_seconds=600"),
+    )
+    resources = planned_resources(planner.show_json("options.tfplan"))
+    assert of_type(resources, "aws_sns_topic") == {}
+    subscription = resources["aws_sns_topic_subscription.alarm_email[0]"]
+    assert (subscription["topic_arn"], subscription["protocol"]) == (topic, "email")
+    alarms = alarms_by_name(resources)
+    assert all(alarm["alarm_actions"] == [topic] for alarm in alarms.values())
+    backlog = alarms["pending-jobs"]
+    assert (backlog["namespace"], backlog["threshold"]) == ("Team/Jobs", 250)
+    assert alarms["oldest-pending-job"]["threshold"] == 600
+    function = resources["aws_lambda_function.api"]
+    assert function["tracing_config"] == [{"mode": "Active"}]
+    xray = resources["aws_iam_role_policy_attachment.lambda_xray[0]"]
+    assert xray["policy_arn"].endswith(":policy/AWSXRayDaemonWriteAccess")
+
+
+def test_bad_monitoring_values_are_refused(planner: Terraform) -> None:
+    bad_values = {
+        "log_level": "LOUD",
+        "metrics_namespace": "AWS/Lambda",
+        "alarm_email": "not-an-address",
+        "alarm_topic_arn": "oncall",
+        "stats_schedule_expression": "cron(* * * * ? *)",
+        "alarm_duration_p99_percent_of_timeout": "100",
+        "alarm_db_free_storage_percent": "0",
+        "oldest_pending_alarm_seconds": "10",
+        "pending_jobs_alarm_threshold": "-1",
+    }
+    args = [
+        arg for name, value in bad_values.items() for arg in ("-var", f"{name}={value}")
+    ]
+    result = planner.run("plan", *args, expect_success=False)
+    assert result.returncode == 1
+    errors = " ".join(result.stderr.split())
+    for name in bad_values:
+        assert f"{name} must" in errors, name

@@ -191,7 +191,7 @@ def test_patch_with_matching_if_match_succeeds(client, if_match):
     assert response.headers["etag"] == '"3"'
 
 
-@pytest.mark.parametrize("if_match", ['W/"1"', "1", '"one"', '""', "garbage"])
+@pytest.mark.parametrize("if_match", ['W/"1"', '"one"', '""'])
 def test_weak_or_malformed_if_match_never_matches(client, if_match):
     job = create(client)
     url = f"/extraction-jobs/{job['id']}"

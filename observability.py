@@ -1,0 +1,319 @@
+"""Logs and metrics: one JSON log line per request, CloudWatch metrics as EMF.
+
+Built on AWS Lambda Powertools (`Logger`, and the CloudWatch EMF provider
+behind `Metrics`), in Lambda and under uvicorn alike:
+
+- `RequestObserver` wraps the whole ASGI app (outside Starlette's error
+  middleware, so it also sees the 500s) and, per request, logs one line
+  (request ids, cold start, method, route template, status, latency, caller,
+  job ids), answers with `X-Request-Id`, and emits `Requests`, `Errors5xx` and
+  `Latency` by route. Bodies, metadata, results and tokens are never logged.
+- `count()` emits a domain counter (JobsCreated, ..., LeasesExpired);
+  `publish_job_gauges()` the gauges of a scheduled stats run.
+
+Metrics are printed to stdout in Embedded Metric Format, which CloudWatch Logs
+turns into metrics: no API call, no network. Logs go to stderr, so stdout
+carries nothing but metrics.
+"""
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
+    AmazonCloudWatchEMFProvider,
+)
+
+from settings import ConfigError, exit_on_config_error
+
+SERVICE = "extraction_jobs"
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+UNMATCHED_ROUTE = "unmatched"
+
+# --- Configuration (to be folded into settings.py) ---------------------------
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NAMESPACE_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_/#: "
+)
+
+
+class ObservabilityConfigError(ConfigError):
+    """A logging or metrics variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class ObservabilitySettings:
+    log_level: str = "INFO"
+    metrics_enabled: bool = False
+    metrics_namespace: str = "ExtractionJobs"
+
+
+def settings_from_env(
+    environ: Mapping[str, str] = os.environ,
+) -> ObservabilitySettings:
+    """LOG_LEVEL, METRICS_ENABLED and METRICS_NAMESPACE, validated.
+
+    Metrics default to on in Lambda (AWS_LAMBDA_FUNCTION_NAME is set) and off
+    elsewhere. A bad value raises one line naming the variable.
+    """
+
+    def read(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    log_level = read("LOG_LEVEL").upper() or "INFO"
+    if log_level not in LOG_LEVELS:
+        raise ObservabilityConfigError(
+            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {read('LOG_LEVEL')!r}"
+        )
+    enabled = read("METRICS_ENABLED").lower()
+    if enabled and enabled not in _TRUE + _FALSE:
+        raise ObservabilityConfigError(
+            f"METRICS_ENABLED must be 1 or 0 (true/false); got {read('METRICS_ENABLED')!r}"
+        )
+    namespace = read("METRICS_NAMESPACE") or "ExtractionJobs"
+    if (
+        len(namespace) > 255
+        or not set(namespace) <= _NAMESPACE_CHARACTERS
+        or namespace.startswith("AWS/")
+    ):
+        raise ObservabilityConfigError(
+            "METRICS_NAMESPACE must be at most 255 letters, digits or . - _ / # : "
+            f"and not start with 'AWS/'; got {namespace!r}"
+        )
+    return ObservabilitySettings(
+        log_level=log_level,
+        metrics_enabled=enabled in _TRUE
+        if enabled
+        else bool(read("AWS_LAMBDA_FUNCTION_NAME")),
+        metrics_namespace=namespace,
+    )
+
+
+# --- Logger ------------------------------------------------------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _settings_or_exit() -> ObservabilitySettings:
+    """Read once at import (the logger needs its level); a bad value stops the
+    start like settings.py does: one line naming the variable, no traceback."""
+    try:
+        return settings_from_env()
+    except ConfigError as error:
+        exit_on_config_error(error)
+        raise  # not reached: exit_on_config_error exits
+
+
+# The functions below look it up at call time (tests replace it).
+settings = _settings_or_exit()
+logger = Logger(
+    service=SERVICE,
+    level=settings.log_level,
+    logger_handler=_StderrHandler(),
+    utc=True,
+    use_rfc3339=True,
+)
+logger.remove_keys(["location", "sampling_rate"])
+
+
+# --- Per request -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What a request's log line says beyond the method, route and status."""
+
+    request_id: str
+    sub: str | None = None
+    azp: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("request", default=None)
+_cold_start = True
+
+
+def _take_cold_start() -> bool:
+    global _cold_start
+    cold, _cold_start = _cold_start, False
+    return cold
+
+
+def note_caller(sub: str | None, azp: str | None) -> None:
+    """Record who sent the current request (from the validated token)."""
+    record = _current.get()
+    if record is not None:
+        record.sub, record.azp = sub, azp
+
+
+def touched(*job_ids: str) -> None:
+    """Record the ids of the jobs the current request created or claimed."""
+    record = _current.get()
+    if record is not None:
+        record.job_ids.extend(job_ids)
+
+
+def current_request_id() -> str | None:
+    record = _current.get()
+    return record.request_id if record is not None else None
+
+
+def _sane_request_id(value: bytes | None) -> str | None:
+    """The client's X-Request-Id when it is 1-128 printable ASCII characters."""
+    if not value or len(value) > MAX_REQUEST_ID_LENGTH:
+        return None
+    if not all(0x20 <= byte <= 0x7E for byte in value):
+        return None
+    return value.decode("ascii")
+
+
+def _job_id_in_path(scope: dict) -> str | None:
+    value = (scope.get("path_params") or {}).get("job_id")
+    if isinstance(value, str) and len(value) == 36:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            return None
+    return None
+
+
+class RequestObserver:
+    """Pure ASGI: one log line, an X-Request-Id header and metrics per request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        client_id = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                client_id = _sane_request_id(value)
+                break
+        event = scope.get("aws.event") or {}
+        api_request_id = (event.get("requestContext") or {}).get("requestId")
+        request_id = api_request_id or client_id or uuid.uuid4().hex
+        record = RequestRecord(request_id)
+        header = (REQUEST_ID_HEADER, request_id.encode("ascii", "replace"))
+        status = 500
+
+        async def send_with_request_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        token = _current.set(record)
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            _current.reset(token)
+            self._finish(scope, record, status, started, api_request_id, client_id)
+
+    def _finish(self, scope, record, status, started, api_request_id, client_id):
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        route = scope.get("route")
+        template = getattr(route, "path", None) or UNMATCHED_ROUTE
+        job_ids = record.job_ids or (
+            [job_id] if (job_id := _job_id_in_path(scope)) else []
+        )
+        context = scope.get("aws.context")
+        fields = {
+            "request_id": record.request_id,
+            "api_gateway_request_id": api_request_id,
+            "lambda_request_id": getattr(context, "aws_request_id", None),
+            "client_request_id": client_id if client_id != record.request_id else None,
+            "cold_start": _take_cold_start(),
+            "method": scope.get("method"),
+            "route": template,
+            "status": status,
+            "latency_ms": latency_ms,
+            "sub": record.sub,
+            "azp": record.azp,
+            "job_ids": job_ids,
+        }
+        logger.info(
+            "request",
+            extra={k: v for k, v in fields.items() if v is not None and v != []},
+        )
+        if settings.metrics_enabled:
+            metrics = _emf()
+            metrics.add_dimension("route", template)
+            metrics.add_metric("Requests", "Count", 1)
+            metrics.add_metric("Errors5xx", "Count", 1 if status >= 500 else 0)
+            metrics.add_metric("Latency", "Milliseconds", latency_ms)
+            metrics.flush_metrics()
+
+
+# --- Metrics outside a request's own three ------------------------------------
+
+DOMAIN_COUNTERS = frozenset(
+    {"JobsCreated", "JobsClaimed", "JobsCompleted", "JobsFailed", "LeasesExpired"}
+)
+
+
+def _emf() -> AmazonCloudWatchEMFProvider:
+    """A fresh metric set each time: nothing shared between concurrent requests."""
+    return AmazonCloudWatchEMFProvider(namespace=settings.metrics_namespace)
+
+
+def count(name: str, value: int = 1) -> None:
+    """Emit a domain counter now, without dimensions (e.g. JobsCompleted)."""
+    if name not in DOMAIN_COUNTERS:
+        raise ValueError(f"unknown domain counter {name!r}")
+    if value <= 0 or not settings.metrics_enabled:
+        return
+    metrics = _emf()
+    metrics.add_metric(name, "Count", value)
+    metrics.flush_metrics()
+
+
+@dataclass(frozen=True)
+class JobGauges:
+    pending: int
+    processing: int
+    oldest_pending_age_seconds: float
+
+
+def publish_job_gauges(gauges: JobGauges) -> None:
+    """One log line and one EMF record with the three queue gauges."""
+    logger.info(
+        "job gauges",
+        extra={
+            "cold_start": _take_cold_start(),
+            "pending_jobs": gauges.pending,
+            "processing_jobs": gauges.processing,
+            "oldest_pending_age_seconds": gauges.oldest_pending_age_seconds,
+        },
+    )
+    if settings.metrics_enabled:
+        metrics = _emf()
+        metrics.add_metric("PendingJobs", "Count", gauges.pending)
+        metrics.add_metric("ProcessingJobs", "Count", gauges.processing)
+        metrics.add_metric(
+            "OldestPendingAgeSeconds", "Seconds", gauges.oldest_pending_age_seconds
+        )
+        metrics.flush_metrics()

@@ -108,6 +108,9 @@ def start_server(kind: str, env: dict[str, str]) -> tuple[subprocess.Popen, int]
         [sys.executable, __file__, "--serve", kind, "--port", str(port)],
         env={**os.environ, **env},
         cwd=REPO,
+        # The app's per-request log lines are part of its cost; reading them is not.
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -291,10 +291,12 @@ async def create_job(
 async def claim_jobs(
     request: ClaimRequest, service: Service, principal: Writer
 ) -> list[Job]:
-    jobs = await run_in_threadpool(service.claim, request, actor=principal.sub)
-    observability.touched(*(job.id for job in jobs))
-    observability.count("JobsClaimed", len(jobs))
-    return jobs
+    outcome = await run_in_threadpool(service.claim, request, actor=principal.sub)
+    observability.touched(*(job.id for job in outcome.jobs))
+    observability.count("JobsClaimed", len(outcome.jobs))
+    # The sweep at the start of every claim: counted like the scheduled one's.
+    observability.count("LeasesExpired", outcome.leases_expired)
+    return outcome.jobs
 
 
 @router.get(

@@ -84,6 +84,8 @@ PENDING = JobStatus.PENDING.value
 PROCESSING = JobStatus.PROCESSING.value
 COMPLETED = JobStatus.COMPLETED.value
 FAILED = JobStatus.FAILED.value
+# The claim statement's count of the lease_expired events it wrote.
+LEASES_EXPIRED = "leases_expired"
 
 
 def iso(value: datetime | None) -> str | None:
@@ -352,7 +354,10 @@ def _claim_pg(
     - `claimed`: the UPDATE; `events`: lease_expired and claimed rows.
 
     Every part sees the same snapshot, and the parts touch disjoint rows
-    (attempts >= max_attempts vs <), so no row is updated twice.
+    (attempts >= max_attempts vs <), so no row is updated twice. Each row
+    returned is a claimed job with `leases_expired`, the number of
+    lease_expired events written; with nothing claimed, one row of NULLs
+    carries it.
     """
     exhausted = _exhausted(now).cte("exhausted").prefix_with("MATERIALIZED")
     failed = (
@@ -453,10 +458,17 @@ def _claim_pg(
             EVENT_COLUMNS,
             select(*list(events_union.c)[1:]).order_by(events_union.c.ord),
         )
-        .returning(EVENTS.c.seq)
+        .returning(EVENTS.c.type)
         .cte("events")
     )
-    return select(claimed).add_cte(events)
+    expired = (
+        select(func.count().label(LEASES_EXPIRED))
+        .where(events.c.type == EventType.LEASE_EXPIRED.value)
+        .subquery("expired")
+    )
+    return select(expired.c[LEASES_EXPIRED], claimed).select_from(
+        expired.outerjoin(claimed, true())
+    )
 
 
 @cache
@@ -750,6 +762,15 @@ class HeartbeatOutcome:
 
 
 @dataclass(frozen=True)
+class ClaimOutcome:
+    """The jobs a claim took, and how many expired leases its sweep handled
+    (failed for good, or taken again by this claim)."""
+
+    jobs: list[Job]
+    leases_expired: int = 0
+
+
+@dataclass(frozen=True)
 class SweepOutcome:
     failed: int = 0
     released: int = 0
@@ -972,7 +993,7 @@ class ExtractionJobRepository:
         now: datetime,
         lease_until: datetime,
         actor: str | None = None,
-    ) -> list[Job]:
+    ) -> ClaimOutcome:
         """Sweep expired leases, then move up to `limit` due jobs to processing.
 
         On PostgreSQL this is one statement (`claim_statement`), and `FOR
@@ -982,21 +1003,22 @@ class ExtractionJobRepository:
         `BEGIN IMMEDIATE` transaction.
         """
 
-        def claimed(connection: Connection) -> list[Any]:
+        def claimed(connection: Connection) -> tuple[list[Any], int]:
             if self.is_postgres:
                 params = _claim_params(worker_id, limit, now, lease_until, actor)
-                return connection.execute(_claim(), params).mappings().all()
-            self._fail_exhausted(connection, now)
-            return self._claim_steps(
+                rows = connection.execute(_claim(), params).mappings().all()
+                expired = rows[0][LEASES_EXPIRED] if rows else 0
+                return [row for row in rows if row["seq"] is not None], expired
+            failed = self._fail_exhausted(connection, now)
+            rows, reclaimed = self._claim_steps(
                 connection, worker_id, limit, now, lease_until, actor
             )
+            return rows, failed + reclaimed
 
-        rows = sorted(
-            run(self.url, claimed, write=True),
-            # RETURNING has no order of its own.
-            key=lambda row: (-row["priority"], row["seq"]),
-        )
-        return [job_from_row(row) for row in rows]
+        rows, expired = run(self.url, claimed, write=True)
+        # RETURNING has no order of its own.
+        rows = sorted(rows, key=lambda row: (-row["priority"], row["seq"]))
+        return ClaimOutcome([job_from_row(row) for row in rows], expired)
 
     def _fail_exhausted(self, connection: Connection, now: datetime) -> int:
         rows = connection.execute(_exhausted(now)).all()
@@ -1035,14 +1057,15 @@ class ExtractionJobRepository:
         now: datetime,
         lease_until: datetime,
         actor: str | None,
-    ) -> list[Any]:
+    ) -> tuple[list[Any], int]:
+        """The claimed rows, and how many of them had an expired lease."""
         candidates = [
             *connection.execute(_due(now, limit)).all(),
             *connection.execute(_lapsed(now, limit)).all(),
         ]
         picked = sorted(candidates, key=lambda row: (-row.priority, row.seq))[:limit]
         if not picked:
-            return []
+            return [], 0
         rows = (
             connection.execute(
                 update(JOBS)
@@ -1081,7 +1104,7 @@ class ExtractionJobRepository:
                 ).values(job["id"], now)
             )
         connection.execute(insert(EVENTS), events)
-        return rows
+        return rows, sum(row.status == PROCESSING for row in picked)
 
     def _release_lapsed(self, connection: Connection, now: datetime) -> int:
         """Expired leases with attempts left go back to pending (the sweep's

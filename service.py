@@ -27,6 +27,7 @@ from models import (
 )
 from repository import (
     MAX_RETENTION_BATCHES,
+    ClaimOutcome,
     ExtractionJobRepository,
     IdempotencyKeyTaken,
     NewEvent,
@@ -498,9 +499,10 @@ class JobService:
         """Now, but strictly after the job's last change, whatever the clock says."""
         return max(self.clock(), job.updated_at + ONE_MICROSECOND)
 
-    def claim(self, request: ClaimRequest, *, actor: str | None = None) -> list[Job]:
+    def claim(self, request: ClaimRequest, *, actor: str | None = None) -> ClaimOutcome:
         """Claim up to `limit` due jobs, each with a lease of `lease_seconds`;
-        expired leases are swept first, in the same transaction."""
+        expired leases are swept first, in the same transaction. The outcome
+        says how many leases that sweep expired (for the LeasesExpired metric)."""
         now = self.clock()
         return self.repository.claim(
             worker_id=request.worker_id,

@@ -598,7 +598,7 @@ def test_updated_by_and_actor_are_the_callers_sub(app, client):
 
     job, _ = service.create(JobCreate(document_id="d"), created_by="creator")
     assert job.updated_by == "creator"
-    [claimed] = service.claim(ClaimRequest(worker_id="w"), actor="worker-bot")
+    [claimed] = service.claim(ClaimRequest(worker_id="w"), actor="worker-bot").jobs
     assert claimed.updated_by == "worker-bot"
     beat = service.heartbeat(job.id, HeartbeatRequest(worker_id="w"), actor="beater")
     assert beat.updated_by == "beater"

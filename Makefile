@@ -15,7 +15,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install install-run run test test-deployed lint migrate build plan deploy destroy clean docs-check
+.PHONY: install install-run run test test-deployed lint migrate sweep build plan deploy destroy clean docs-check
 
 # `make run` installs what serving needs (requirements-run.txt); `make test`
 # and the other targets add the test and lint tools (requirements-dev.txt).
@@ -65,6 +65,10 @@ lint: install
 # alembic upgrade head against DATABASE_URL (or the default SQLite file).
 migrate: install-run
 	$(BIN)/alembic upgrade head
+
+# One sweep now (expired leases, retention) against DATABASE_URL or the SQLite file.
+sweep: install-run
+	AUTH_DISABLED=1 $(BIN)/python scripts/sweep.py
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh

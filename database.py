@@ -19,7 +19,6 @@ found dead mid-statement is replaced and the statement run once more.
 """
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -474,7 +473,11 @@ def _register_after_restore() -> None:
     """Under SnapStart, drop the pool's connections as soon as a snapshot is
     restored. Outside SnapStart (or without the runtime's hook module), the
     idle check and the retry on a dead connection catch them on first use."""
-    if os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE") != "snap-start":
+    try:
+        initialization = settings.settings_from_env().aws_lambda_initialization_type
+    except settings.ConfigError:
+        return  # main.create_app reports it and stops the start
+    if initialization != "snap-start":
         return
     try:
         from snapshot_restore_py import register_after_restore

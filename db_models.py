@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models import MAX_PRIORITY, MIN_PRIORITY, JobStatus
+from models import DEFAULT_MAX_ATTEMPTS, MAX_PRIORITY, MIN_PRIORITY, JobStatus
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -98,10 +98,14 @@ Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
 # The Alembic revisions in migrations/versions, oldest first; the last one is
 # the schema this code needs (a test keeps the two in step).
-SCHEMA_REVISIONS = ("0001_initial",)
+SCHEMA_REVISIONS = ("0001_initial", "0002_job_lifecycle")
 
 STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
 PENDING = text(f"status = '{JobStatus.PENDING.value}'")
+PROCESSING = text(f"status = '{JobStatus.PROCESSING.value}'")
+FINISHED = text(
+    f"status IN ('{JobStatus.COMPLETED.value}', '{JobStatus.FAILED.value}')"
+)
 
 
 class Base(DeclarativeBase):
@@ -137,6 +141,15 @@ class ExtractionJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     version: Mapped[int] = mapped_column(Integer, default=1)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Revision 0002 (leases, retries, results): rows from before it got
+    # max_attempts 3 and run_at = created_at.
+    max_attempts: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_MAX_ATTEMPTS, server_default=str(DEFAULT_MAX_ATTEMPTS)
+    )
+    run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
+    updated_by: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
         CheckConstraint(
@@ -157,6 +170,9 @@ class ExtractionJob(Base):
             "seq",
             where=PENDING,
         ),
+        # The sweep: leases that ran out, and finished jobs past retention.
+        PartialIndex("ix_extraction_job_lease", "lease_expires_at", where=PROCESSING),
+        PartialIndex("ix_extraction_job_finished", "finished_at", where=FINISHED),
         # One job per idempotency key and caller; anonymous callers share ''.
         Index(
             "uq_extraction_job_idempotency",
@@ -165,3 +181,36 @@ class ExtractionJob(Base):
             unique=True,
         ),
     )
+
+
+class JobEventRow(Base):
+    """One entry of a job's append-only history, written in the same
+    transaction (on PostgreSQL, the same statement) as the change it records.
+
+    No foreign key: retention deletes a job's events with it, explicitly.
+    """
+
+    __tablename__ = "extraction_job_event"
+
+    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    type: Mapped[str] = mapped_column(String(32))
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str | None] = mapped_column(String(16))
+    actor: Mapped[str | None] = mapped_column(String(255))
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
+
+    __table_args__ = (Index("ix_extraction_job_event_job", "job_id", "seq"),)
+
+
+class CursorKey(Base):
+    """The key that signs list cursors unless `CURSOR_SECRET` is set: 32
+    random bytes (hex) the migration stored, one row, the same for every
+    instance that uses this database. The application only reads it."""
+
+    __tablename__ = "extraction_job_cursor_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))

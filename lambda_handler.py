@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from mangum import Mangum
 
 import observability
-from main import app, log_unhandled
+from main import app, log_unhandled, run_sweep
 from settings import settings_from_env
 
 _JSON_500 = json.dumps({"detail": "Internal Server Error"}).encode()
@@ -87,7 +87,10 @@ def publish_stats(_event: dict) -> dict:
 # Scheduled tasks by the event's "task" value: one line per task.
 SCHEDULED_TASKS = {
     "stats": publish_stats,
+    "sweep": lambda _event: run_sweep(app),
 }
+# The input of the sweep schedule (terraform/schedule.tf).
+SWEEP_EVENT = {"task": "sweep"}
 
 
 def handler(event, context):

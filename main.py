@@ -50,8 +50,11 @@ from models import (
     ClaimRequest,
     ErrorBody,
     Health,
+    HeartbeatRequest,
     Job,
     JobCreate,
+    JobEvent,
+    JobStats,
     JobStatus,
     JobUpdate,
     ValidationErrorBody,
@@ -60,9 +63,11 @@ from models import (
 from repository import ExtractionJobRepository
 from service import (
     IdempotencyKeyReused,
+    InvalidPage,
     InvalidTransition,
     JobNotFound,
     JobService,
+    NotLeaseHolder,
     UpdateContention,
     VersionMismatch,
 )
@@ -129,7 +134,8 @@ def _errors(*codes: int) -> dict[int | str, dict]:
         401: "Missing or invalid bearer token",
         403: "The token lacks the needed permission",
         404: "No job with this id",
-        409: "The status move is not allowed from the job's current status",
+        409: "The status move is not allowed from the job's current status, "
+        "or the worker does not hold the job's lease",
         412: "If-Match does not match the job's current version (ETag)",
         413: "Request body larger than 1 MiB",
         415: "The body is not sent as Content-Type: application/json",
@@ -339,12 +345,26 @@ async def create_job(
     responses=_errors(413, 415, 422, *COMMON_ERRORS),
 )
 async def claim_jobs(
-    request: ClaimRequest, http_request: Request, _: Writer
+    request: ClaimRequest, http_request: Request, principal: Writer
 ) -> list[Job]:
-    jobs = await in_thread(get_service(http_request).claim, request)
-    observability.touched(*(job.id for job in jobs))
-    observability.count("JobsClaimed", len(jobs))
-    return jobs
+    outcome = await in_thread(
+        get_service(http_request).claim, request, actor=principal.sub
+    )
+    observability.touched(*(job.id for job in outcome.jobs))
+    observability.count("JobsClaimed", len(outcome.jobs))
+    # The sweep at the start of every claim: counted like the scheduled one's.
+    observability.count("LeasesExpired", outcome.leases_expired)
+    return outcome.jobs
+
+
+@router.get(
+    "/stats",
+    response_model=JobStats,
+    summary="Counts per status, oldest pending age, expired leases",
+    responses=_errors(*COMMON_ERRORS),
+)
+async def job_stats(request: Request, _: Reader) -> JobStats:
+    return await in_thread(get_service(request).stats)
 
 
 @router.get(
@@ -354,7 +374,8 @@ async def claim_jobs(
     responses=_errors(422, *COMMON_ERRORS),
 )
 async def list_jobs(
-    http_request: Request,
+    request: Request,
+    response: Response,
     _: Reader,
     document_id: Annotated[
         str | None,
@@ -365,15 +386,32 @@ async def list_jobs(
     ] = None,
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    offset: Annotated[
+        int, Query(ge=0, le=MAX_OFFSET, description="At most 10000; then use cursor.")
+    ] = 0,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=512,
+            description='Opaque: from the Link header (rel="next") of the previous page.',
+        ),
+    ] = None,
 ) -> list[Job]:
-    return await in_thread(
-        get_service(http_request).list_jobs,
+    page = await in_thread(
+        get_service(request).list_jobs,
         document_id=document_id,
         status=status,
         limit=limit,
         offset=offset,
+        cursor=cursor,
     )
+    if page.next_cursor is not None:
+        following = request.url.remove_query_params("offset").include_query_params(
+            cursor=page.next_cursor
+        )
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return page.jobs
 
 
 @router.get(
@@ -385,6 +423,35 @@ async def list_jobs(
 async def get_job(job_id: str, request: Request, response: Response, _: Reader) -> Job:
     job = await in_thread(get_service(request).get, job_id)
     return _etag(response, job)
+
+
+@router.post(
+    "/{job_id}/heartbeat",
+    response_model=Job,
+    summary="Extend the lease of a job this worker holds",
+    responses=_errors(404, 409, 413, 422, *COMMON_ERRORS),
+)
+async def heartbeat(
+    job_id: str,
+    data: HeartbeatRequest,
+    request: Request,
+    response: Response,
+    principal: Writer,
+) -> Job:
+    job = await in_thread(
+        get_service(request).heartbeat, job_id, data, actor=principal.sub
+    )
+    return _etag(response, job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEvent],
+    summary="The job's history, oldest first",
+    responses=_errors(404, *COMMON_ERRORS),
+)
+async def job_events(job_id: str, request: Request, _: Reader) -> list[JobEvent]:
+    return await in_thread(get_service(request).events, job_id)
 
 
 @router.patch(
@@ -402,7 +469,7 @@ async def update_job(
     data: JobUpdate,
     request: Request,
     response: Response,
-    _: Writer,
+    principal: Writer,
     if_match: Annotated[
         str | None,
         Header(
@@ -414,8 +481,28 @@ async def update_job(
     # `if_match` declares the header for the OpenAPI document; the parse reads
     # every If-Match field line, not only the first one that `if_match` holds.
     versions = _parse_if_match(request.headers.getlist("If-Match"))
-    job = await in_thread(get_service(request).update, job_id, data, if_match=versions)
+    job = await in_thread(
+        get_service(request).update,
+        job_id,
+        data,
+        if_match=versions,
+        actor=principal.sub,
+    )
     return _etag(response, job)
+
+
+def run_sweep(app: FastAPI) -> dict[str, int]:
+    """The sweep outside HTTP (the schedule, `make sweep`): one JSON log line
+    with what it did, and the same counts returned."""
+    outcome = app.state.service.sweep()
+    counts = {
+        "leases_failed": outcome.failed,
+        "leases_released": outcome.released,
+        "jobs_deleted": outcome.deleted,
+    }
+    observability.logger.info("sweep", extra=counts)
+    observability.count("LeasesExpired", outcome.failed + outcome.released)
+    return counts
 
 
 def health(request: Request) -> JSONResponse:
@@ -541,6 +628,8 @@ def _register_error_handlers(app: FastAPI) -> None:
     handlers = {
         JobNotFound: lambda _, e: detail(404, e),
         InvalidTransition: lambda _, e: detail(409, e),
+        NotLeaseHolder: lambda _, e: detail(409, e),
+        InvalidPage: lambda _, e: detail(422, e),
         UpdateContention: lambda _, e: detail(409, e),
         VersionMismatch: lambda _, e: detail(412, e),
         IdempotencyKeyReused: lambda _, e: detail(422, e),
@@ -730,6 +819,8 @@ def create_app() -> FastAPI:
     app.state.authenticator = authenticator_for(settings)
     app.state.service = JobService(
         ExtractionJobRepository(settings.resolved_database_url),
+        cursor_secret=settings.cursor_secret,
+        retention_days=settings.retention_days,
         on_status_change=_count_status_change,
     )
     app.add_middleware(BodySizeLimit)

@@ -19,35 +19,40 @@ apply`) fails with its text.
 
 import json
 import logging
-import os
-import re
 
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL, make_url
 
 import database
+import settings as config
 
 logger = logging.getLogger("extraction_jobs.migration")
 
-DEFAULT_APP_ROLE = "extraction_app"
 # Tables the application may DELETE from; every other table is SELECT, INSERT,
 # UPDATE only. The job lifecycle's retention deletes expired jobs; its events
 # table is one more line here.
-DELETE_TABLES: tuple[str, ...] = ("extraction_job",)
+DELETE_TABLES: tuple[str, ...] = ("extraction_job", "extraction_job_event")
 # Read, never written, by the application (its schema check).
-READ_ONLY_TABLES: tuple[str, ...] = ("alembic_version",)
+READ_ONLY_TABLES: tuple[str, ...] = ("alembic_version", "extraction_job_cursor_key")
 SCHEMA = "public"
 # The same advisory lock as migrations/env.py: one migrator at a time.
 MIGRATION_LOCK_ID = 0x45585452
-ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class MigrationError(RuntimeError):
     """The migration could not run; the message says why (never a secret)."""
 
 
-def _required_env(name: str) -> str:
-    value = os.environ.get(name, "").strip()
+def _settings() -> config.Settings:
+    """The function's variables, checked by settings.py (DB_APP_USER's role
+    name rules included); a bad one fails the run with its one-line reason."""
+    try:
+        return config.settings_from_env()
+    except config.ConfigError as error:
+        raise MigrationError(str(error)) from None
+
+
+def _required(name: str, value: str | None) -> str:
     if not value:
         raise MigrationError(f"{name} is not set")
     return value
@@ -86,12 +91,8 @@ def master_url(url: str, username: str, password: str) -> str:
 
 
 def app_role_name() -> str:
-    role = os.environ.get("DB_APP_USER", "").strip() or DEFAULT_APP_ROLE
-    if not ROLE_NAME.match(role):
-        raise MigrationError(
-            f"DB_APP_USER {role!r} must be 1-63 lower-case letters, digits or _"
-        )
-    return role
+    """`DB_APP_USER` (default `extraction_app`), a safe role name."""
+    return _settings().db_app_user
 
 
 def grant_app_role(connection: Connection, role: str) -> None:
@@ -166,10 +167,13 @@ def grant_app_role(connection: Connection, role: str) -> None:
 
 def run() -> dict:
     """`alembic upgrade head` as the master user, then the application role."""
-    secret_arn = _required_env("DB_MASTER_SECRET_ARN")
-    role = app_role_name()
+    settings = _settings()
+    secret_arn = _required("DB_MASTER_SECRET_ARN", settings.db_master_secret_arn)
+    role = settings.db_app_user
     username, password = master_credentials(secret_arn)
-    url = master_url(_required_env("DATABASE_URL"), username, password)
+    url = master_url(
+        _required("DATABASE_URL", settings.database_url), username, password
+    )
 
     engine = database.migration_engine(url)
     try:

@@ -8,17 +8,21 @@ backend: behaviour must not depend on which database runs underneath.
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
     StringConstraints,
+    model_validator,
 )
 
 MAX_DOCUMENT_ID_LENGTH = 255
@@ -29,6 +33,11 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_METADATA_DEPTH = 32
 MIN_PRIORITY, MAX_PRIORITY = 0, 10
 MAX_CLAIM_LIMIT = 100
+MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 10, 43_200
+DEFAULT_LEASE_SECONDS = 300
+MIN_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS = 1, 100
+DEFAULT_MAX_ATTEMPTS = 3
+MAX_RETRY_IN_SECONDS = 86_400
 
 
 class JobStatus(StrEnum):
@@ -85,6 +94,32 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
+RFC3339_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_text(value: Any) -> Any:
+    """Only a date-time string such as 2030-01-01T09:00:00Z; pydantic would
+    otherwise read numbers and numeric strings as Unix times."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not RFC3339_START.match(value):
+        raise ValueError(
+            "must be an RFC 3339 date-time with an offset, e.g. 2030-01-01T09:00:00Z"
+        )
+    return value
+
+
+def _check_instant(value: datetime | None) -> datetime | None:
+    """An aware timestamp both databases can store, normalised to UTC."""
+    if value is None:
+        return None
+    try:
+        value = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("must be a timestamp between years 1 and 9999 UTC") from None
+    return value
+
+
 def _to_utc_iso(value: datetime) -> str:
     # Rows from PostgreSQL and our own clock are in UTC already (the common
     # case, which skips building a converted copy); the result is the same.
@@ -111,6 +146,17 @@ WorkerId = Annotated[
     str,
     StringConstraints(strict=True, min_length=1, max_length=MAX_WORKER_ID_LENGTH),
     AfterValidator(check_text),
+]
+LeaseSeconds = Annotated[
+    int, Field(strict=True, ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)
+]
+MaxAttempts = Annotated[
+    int, Field(strict=True, ge=MIN_MAX_ATTEMPTS, le=MAX_MAX_ATTEMPTS)
+]
+RetryInSeconds = Annotated[int, Field(strict=True, ge=0, le=MAX_RETRY_IN_SECONDS)]
+# An RFC 3339 string with an offset; numbers (epoch seconds) are refused.
+Instant = Annotated[
+    AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_check_instant)
 ]
 
 
@@ -149,6 +195,16 @@ class JobCreate(BaseModel):
         description=f"A JSON object or null; at most {MAX_METADATA_BYTES} bytes serialized "
         f"and {MAX_METADATA_DEPTH} levels deep.",
     )
+    max_attempts: MaxAttempts = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        description=f"{MIN_MAX_ATTEMPTS}..{MAX_MAX_ATTEMPTS}: after this many expired "
+        "leases the job fails instead of being claimed again.",
+    )
+    run_at: Instant | None = Field(
+        default=None,
+        description="Not claimed before this instant (RFC 3339 with an offset); "
+        "past or absent means now.",
+    )
 
 
 class JobUpdate(BaseModel):
@@ -168,6 +224,28 @@ class JobUpdate(BaseModel):
         default=None,
         description=f"Stored as sent; at most {MAX_ERROR_MESSAGE_LENGTH} characters.",
     )
+    worker_id: WorkerId | None = Field(
+        default=None,
+        description="The worker sending this; for a processing job it must be the "
+        "lease holder's (409 otherwise).",
+    )
+    retry_in_seconds: RetryInSeconds | None = Field(
+        default=None,
+        description=f"With status pending only: not claimed again for 0..{MAX_RETRY_IN_SECONDS} "
+        "seconds (a release or retry with backoff).",
+    )
+    result: Metadata = Field(
+        default=None,
+        description="With status completed only: a JSON object, the same limits as metadata.",
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_the_status(self) -> "JobUpdate":
+        if self.retry_in_seconds is not None and self.status != JobStatus.PENDING:
+            raise ValueError("retry_in_seconds is only allowed with status 'pending'")
+        if self.result is not None and self.status != JobStatus.COMPLETED:
+            raise ValueError("result is only allowed with status 'completed'")
+        return self
 
 
 class ClaimRequest(BaseModel):
@@ -185,6 +263,28 @@ class ClaimRequest(BaseModel):
         ge=1,
         le=MAX_CLAIM_LIMIT,
         description="How many jobs to claim at most.",
+    )
+    lease_seconds: LeaseSeconds = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        description=f"{MIN_LEASE_SECONDS}..{MAX_LEASE_SECONDS}: each claimed job is "
+        "claimable again by others once this runs out without a heartbeat.",
+    )
+
+
+class HeartbeatRequest(BaseModel):
+    """Body of `POST /extraction-jobs/{id}/heartbeat`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"worker_id": "ocr-worker-7", "lease_seconds": 300}]
+        },
+    )
+
+    worker_id: WorkerId = Field(description="The lease holder.")
+    lease_seconds: LeaseSeconds = Field(
+        default=DEFAULT_LEASE_SECONDS,
+        description="The new lease, counted from now.",
     )
 
 
@@ -204,6 +304,9 @@ JOB_EXAMPLE = {
     "started_at": "2026-11-27T04:12:03.500000+00:00",
     "finished_at": "2026-11-27T04:12:41.020000+00:00",
     "version": 3,
+    "max_attempts": 3,
+    "run_at": "2026-11-27T04:11:59.123456+00:00",
+    "updated_by": "auth0|5f7c8ec7c33c6c004bbafe82",
 }
 
 
@@ -230,6 +333,58 @@ class Job(BaseModel):
         description="When it reached completed or failed."
     )
     version: int = Field(description="Incremented on every change; sent as the ETag.")
+    max_attempts: int = Field(description="Expired leases allowed before it fails.")
+    run_at: Timestamp = Field(description="Not claimed before this instant.")
+    lease_expires_at: Timestamp | None = Field(
+        default=None, description="While processing: when the holder's lease runs out."
+    )
+    result: dict[str, Any] | None = Field(
+        default=None, description="What a completed job produced."
+    )
+    updated_by: str | None = Field(
+        default=None,
+        description="The token's `sub` behind the last change; null when auth is "
+        "disabled or the change was the sweep's.",
+    )
+
+
+class EventType(StrEnum):
+    CREATED = "created"
+    CLAIMED = "claimed"
+    HEARTBEAT = "heartbeat"
+    STATUS_CHANGED = "status_changed"
+    UPDATED = "updated"
+    LEASE_EXPIRED = "lease_expired"
+    RETRIED = "retried"
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's append-only history."""
+
+    at: Timestamp
+    type: EventType
+    from_status: JobStatus | None
+    to_status: JobStatus | None
+    actor: str | None = Field(description="The token's `sub`; null for the sweep.")
+    worker_id: str | None
+    detail: dict[str, Any] | None
+
+
+class StatusCounts(BaseModel):
+    pending: int
+    processing: int
+    completed: int
+    failed: int
+
+
+class JobStats(BaseModel):
+    counts: StatusCounts
+    oldest_pending_age_seconds: float | None = Field(
+        description="Seconds since the oldest pending job was created; null when none."
+    )
+    expired_leases: int = Field(
+        description="Processing jobs whose lease has run out, not yet swept or claimed."
+    )
 
 
 class Health(BaseModel):

@@ -17,11 +17,9 @@ carries nothing but metrics.
 """
 
 import logging
-import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -30,74 +28,12 @@ from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
     AmazonCloudWatchEMFProvider,
 )
 
-from settings import ConfigError, exit_on_config_error
+import settings as config
 
 SERVICE = "extraction_jobs"
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 UNMATCHED_ROUTE = "unmatched"
-
-# --- Configuration (to be folded into settings.py) ---------------------------
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-_NAMESPACE_CHARACTERS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_/#: "
-)
-
-
-class ObservabilityConfigError(ConfigError):
-    """A logging or metrics variable holds a value the service cannot use."""
-
-
-@dataclass(frozen=True)
-class ObservabilitySettings:
-    log_level: str = "INFO"
-    metrics_enabled: bool = False
-    metrics_namespace: str = "ExtractionJobs"
-
-
-def settings_from_env(
-    environ: Mapping[str, str] = os.environ,
-) -> ObservabilitySettings:
-    """LOG_LEVEL, METRICS_ENABLED and METRICS_NAMESPACE, validated.
-
-    Metrics default to on in Lambda (AWS_LAMBDA_FUNCTION_NAME is set) and off
-    elsewhere. A bad value raises one line naming the variable.
-    """
-
-    def read(name: str) -> str:
-        return environ.get(name, "").strip()
-
-    log_level = read("LOG_LEVEL").upper() or "INFO"
-    if log_level not in LOG_LEVELS:
-        raise ObservabilityConfigError(
-            f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {read('LOG_LEVEL')!r}"
-        )
-    enabled = read("METRICS_ENABLED").lower()
-    if enabled and enabled not in _TRUE + _FALSE:
-        raise ObservabilityConfigError(
-            f"METRICS_ENABLED must be 1 or 0 (true/false); got {read('METRICS_ENABLED')!r}"
-        )
-    namespace = read("METRICS_NAMESPACE") or "ExtractionJobs"
-    if (
-        len(namespace) > 255
-        or not set(namespace) <= _NAMESPACE_CHARACTERS
-        or namespace.startswith("AWS/")
-    ):
-        raise ObservabilityConfigError(
-            "METRICS_NAMESPACE must be at most 255 letters, digits or . - _ / # : "
-            f"and not start with 'AWS/'; got {namespace!r}"
-        )
-    return ObservabilitySettings(
-        log_level=log_level,
-        metrics_enabled=enabled in _TRUE
-        if enabled
-        else bool(read("AWS_LAMBDA_FUNCTION_NAME")),
-        metrics_namespace=namespace,
-    )
-
 
 # --- Logger ------------------------------------------------------------------
 
@@ -114,18 +50,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _settings_or_exit() -> ObservabilitySettings:
-    """Read once at import (the logger needs its level); a bad value stops the
-    start like settings.py does: one line naming the variable, no traceback."""
+def _settings_at_import() -> config.Settings:
+    """LOG_LEVEL, METRICS_ENABLED and METRICS_NAMESPACE (settings.py), read
+    once at import: the logger needs its level. With any variable bad, the
+    defaults do until main.create_app, which runs before anything is logged,
+    stops the start with one line per problem."""
     try:
-        return settings_from_env()
-    except ConfigError as error:
-        exit_on_config_error(error)
-        raise  # not reached: exit_on_config_error exits
+        return config.settings_from_env()
+    except config.ConfigError:
+        return config.Settings()
 
 
 # The functions below look it up at call time (tests replace it).
-settings = _settings_or_exit()
+settings = _settings_at_import()
 logger = Logger(
     service=SERVICE,
     level=settings.log_level,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from db_models import ExtractionJob
-from models import Job, JobStatus
+from models import EventType, Job, JobEvent, JobStatus
 
 _construct = Job.model_construct
 
@@ -33,6 +33,11 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         version=row["version"],
+        max_attempts=row["max_attempts"],
+        run_at=row["run_at"],
+        lease_expires_at=row["lease_expires_at"],
+        result=row["result"],
+        updated_by=row["updated_by"],
     )
 
 
@@ -53,6 +58,11 @@ def to_job(row: ExtractionJob) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         version=row.version,
+        max_attempts=row.max_attempts,
+        run_at=row.run_at,
+        lease_expires_at=row.lease_expires_at,
+        result=row.result,
+        updated_by=row.updated_by,
     )
 
 
@@ -74,6 +84,11 @@ def to_values(job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "version": job.version,
         "idempotency_key": idempotency_key,
+        "max_attempts": job.max_attempts,
+        "run_at": job.run_at,
+        "lease_expires_at": job.lease_expires_at,
+        "result": job.result,
+        "updated_by": job.updated_by,
     }
 
 
@@ -94,4 +109,22 @@ def to_row(job: Job, idempotency_key: str | None = None) -> ExtractionJob:
         finished_at=job.finished_at,
         version=job.version,
         idempotency_key=idempotency_key,
+        max_attempts=job.max_attempts,
+        run_at=job.run_at,
+        lease_expires_at=job.lease_expires_at,
+        result=job.result,
+        updated_by=job.updated_by,
+    )
+
+
+def to_event(row: Mapping[str, Any]) -> JobEvent:
+    """An event from a Core result row of `extraction_job_event`."""
+    return JobEvent(
+        at=row["at"],
+        type=EventType(row["type"]),
+        from_status=JobStatus(row["from_status"]) if row["from_status"] else None,
+        to_status=JobStatus(row["to_status"]) if row["to_status"] else None,
+        actor=row["actor"],
+        worker_id=row["worker_id"],
+        detail=row["detail"],
     )

@@ -4,12 +4,36 @@ This module knows nothing of HTTP. Its exceptions are mapped to status
 codes in one place, `main.py`.
 """
 
+import base64
+import hashlib
+import hmac
+import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from models import ClaimRequest, Job, JobCreate, JobStatus, JobUpdate
-from repository import ExtractionJobRepository, IdempotencyKeyTaken
+from models import (
+    DEFAULT_LEASE_SECONDS,
+    ClaimRequest,
+    EventType,
+    HeartbeatRequest,
+    Job,
+    JobCreate,
+    JobEvent,
+    JobStats,
+    JobStatus,
+    JobUpdate,
+)
+from repository import (
+    MAX_RETENTION_BATCHES,
+    ClaimOutcome,
+    ExtractionJobRepository,
+    IdempotencyKeyTaken,
+    NewEvent,
+    SweepOutcome,
+    iso,
+)
 
 # The one state machine: where each status may move next.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -37,6 +61,8 @@ SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
 # changed in between, it tries again. This bounds how often.
 MAX_UPDATE_ATTEMPTS = 10
 ONE_MICROSECOND = timedelta(microseconds=1)
+# Deeper than this, an offset scan costs too much: pages go on with `cursor`.
+MAX_LIST_OFFSET = 10_000
 
 
 class JobNotFound(Exception):
@@ -75,6 +101,87 @@ class UpdateContention(Exception):
         super().__init__("The job is being changed by others right now; retry")
 
 
+class NotLeaseHolder(Exception):
+    """A worker acted on a job it does not hold (any more)."""
+
+
+class InvalidPage(Exception):
+    """A cursor that is not ours, or an offset too deep to scan."""
+
+
+@dataclass(frozen=True)
+class Page:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class ParsedCursor:
+    after_seq: int
+    payload: bytes
+    signature: bytes
+
+
+class CursorCodec:
+    """Opaque, tamper-evident list cursors: the position and the filters,
+    HMAC-SHA256-signed, base64url. A cursor from another filter, deployment
+    or hand is refused (`InvalidPage`), never trusted.
+
+    The key is `CURSOR_SECRET` when set; otherwise the random key revision
+    0002 stored in the database, read once per process (it rides along the
+    first list query), so every instance on one database signs alike.
+    """
+
+    SIGNATURE_BYTES = 16
+    INVALID = (
+        "Invalid cursor: use the Link header of the previous page unchanged, "
+        "with the same document_id and status filters"
+    )
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key
+
+    @staticmethod
+    def derive(material: str) -> bytes:
+        return hashlib.sha256(
+            b"extraction-jobs cursor v1\x00" + material.encode()
+        ).digest()
+
+    def _sign(self, payload: bytes) -> bytes:
+        assert self.key is not None
+        return hmac.new(self.key, payload, hashlib.sha256).digest()[
+            : self.SIGNATURE_BYTES
+        ]
+
+    def encode(self, after_seq: int, filters: list[str | None]) -> str:
+        payload = json.dumps([1, after_seq, filters], separators=(",", ":")).encode()
+        token = payload + self._sign(payload)
+        return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
+
+    def parse(self, cursor: str, filters: list[str | None]) -> ParsedCursor:
+        """The cursor's position, not yet trusted: `verify` says if it is ours."""
+        try:
+            token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+            payload = token[: -self.SIGNATURE_BYTES]
+            version, after_seq, signed_filters = json.loads(payload)
+        except (ValueError, TypeError, UnicodeError):
+            raise InvalidPage(self.INVALID) from None
+        if (
+            len(token) <= self.SIGNATURE_BYTES
+            or version != 1
+            or signed_filters != filters
+            or not isinstance(after_seq, int)
+            or isinstance(after_seq, bool)
+            or not 0 <= after_seq < 2**63
+        ):
+            raise InvalidPage(self.INVALID)
+        return ParsedCursor(after_seq, payload, token[-self.SIGNATURE_BYTES :])
+
+    def verify(self, cursor: ParsedCursor) -> None:
+        if not hmac.compare_digest(cursor.signature, self._sign(cursor.payload)):
+            raise InvalidPage(self.INVALID)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -86,24 +193,25 @@ def _parse_id(job_id: str) -> uuid.UUID:
         raise JobNotFound(job_id) from None
 
 
-def _moved(job: Job, target: JobStatus) -> bool:
-    """Whether a transition that succeeded changed the status, told from the
-    row it returned: a move to completed or failed stamps `finished_at`, a
-    move to processing `started_at`, with the same instant as `updated_at`; a
-    change of the error message alone leaves them older. On a pending job the
-    two look alike, and count as a move."""
-    if target in FINISHED:
-        return job.finished_at == job.updated_at
-    if target == JobStatus.PROCESSING:
-        return job.started_at == job.updated_at
-    return True
-
-
 def _same_request(job: Job, data: JobCreate) -> bool:
-    return (job.document_id, job.priority, job.metadata) == (
+    # run_at was stored as max(requested, created_at): absent or past is "now".
+    requested_run_at = (
+        job.created_at
+        if data.run_at is None or data.run_at <= job.created_at
+        else data.run_at
+    )
+    return (
+        job.document_id,
+        job.priority,
+        job.metadata,
+        job.max_attempts,
+        job.run_at,
+    ) == (
         data.document_id,
         data.priority,
         data.metadata,
+        data.max_attempts,
+        requested_run_at,
     )
 
 
@@ -112,10 +220,17 @@ class JobService:
         self,
         repository: ExtractionJobRepository,
         clock: Callable[[], datetime] = utc_now,
+        *,
+        cursor_secret: str | None = None,
+        retention_days: int | None = None,
         on_status_change: Callable[[JobStatus], None] = lambda status: None,
     ) -> None:
         self.repository = repository
         self.clock = clock
+        self.cursors = CursorCodec(
+            CursorCodec.derive(cursor_secret) if cursor_secret else None
+        )
+        self.retention_days = retention_days
         # A hook for metrics: called with the new status after each PATCH move.
         self.on_status_change = on_status_change
 
@@ -137,6 +252,7 @@ class JobService:
         between concurrent requests with the same key.
         """
         now = self.clock()
+        run_at = now if data.run_at is None or data.run_at <= now else data.run_at
         job = Job(
             id=str(uuid.uuid4()),
             document_id=data.document_id,
@@ -152,20 +268,31 @@ class JobService:
             started_at=None,
             finished_at=None,
             version=1,
+            max_attempts=data.max_attempts,
+            run_at=run_at,
+            lease_expires_at=None,
+            result=None,
+            updated_by=created_by,
         )
-        for last_try in (False, True):
+        event = NewEvent(
+            EventType.CREATED,
+            None,
+            JobStatus.PENDING,
+            created_by,
+            None,
+            {"run_at": iso(run_at)} if run_at > now else None,
+        )
+        for _ in range(MAX_UPDATE_ATTEMPTS):
             try:
-                return self.repository.add(job, idempotency_key), False
+                return self.repository.add(job, idempotency_key, event), False
             except IdempotencyKeyTaken:
                 earlier = self.repository.get_by_idempotency_key(
                     created_by, idempotency_key
                 )
                 if earlier is not None:
                     return self._replay(earlier, data), True
-                if last_try:
-                    raise
-                # The key's holder could not be read: insert and look once more.
-        raise UpdateContention()  # not reached: the last try returns or raises
+                # The key's holder is not visible (gone, or not yet): try again.
+        raise UpdateContention()
 
     @staticmethod
     def _replay(earlier: Job, data: JobCreate) -> Job:
@@ -186,13 +313,110 @@ class JobService:
         status: JobStatus | None,
         limit: int,
         offset: int,
-    ) -> list[Job]:
-        return self.repository.list_jobs(
-            document_id=document_id, status=status, limit=limit, offset=offset
+        cursor: str | None = None,
+    ) -> Page:
+        """A page in creation order, and the cursor of the next when more follow.
+
+        A cursor is a position (keyset on the creation counter), so a page
+        deep in a million rows costs what the first does, and jobs created
+        while walking are neither skipped nor repeated.
+        """
+        filters = [document_id, status.value if status else None]
+        parsed = None
+        if cursor is not None:
+            if offset:
+                raise InvalidPage("Use either cursor or offset, not both")
+            parsed = self.cursors.parse(cursor, filters)
+        elif offset > MAX_LIST_OFFSET:
+            raise InvalidPage(
+                f"offset must be at most {MAX_LIST_OFFSET}; to page further, follow "
+                'the `cursor` in the Link header (rel="next") of each page'
+            )
+        need_key = self.cursors.key is None
+        jobs, last_seq, more, key = self.repository.list_jobs(
+            document_id=document_id,
+            status=status,
+            limit=limit,
+            offset=offset,
+            after_seq=parsed.after_seq if parsed else None,
+            with_key=need_key,
         )
+        if need_key and (key is not None or parsed is not None or more):
+            key = key or self.repository.cursor_key()
+            # Without the stored row (deleted by hand) the URL still signs
+            # alike across instances; `make migrate` never loses it.
+            self.cursors.key = CursorCodec.derive(key or self.repository.url)
+        if parsed is not None:
+            # Checked after the query, which only read a position; a cursor
+            # that is not ours answers 422 and its page is never shown.
+            self.cursors.verify(parsed)
+        next_cursor = (
+            self.cursors.encode(last_seq, filters)
+            if more and last_seq is not None
+            else None
+        )
+        return Page(jobs, next_cursor)
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        events = self.repository.events(_parse_id(job_id))
+        if events is None:
+            raise JobNotFound(job_id)
+        return events
+
+    def stats(self) -> JobStats:
+        return self.repository.stats(self.clock())
+
+    def heartbeat(
+        self, job_id: str, request: HeartbeatRequest, *, actor: str | None = None
+    ) -> Job:
+        """Extend the holder's lease from now (409 unless it holds the job)."""
+        now = self.clock()
+        outcome = self.repository.heartbeat(
+            _parse_id(job_id),
+            worker_id=request.worker_id,
+            now=now,
+            lease_until=now + timedelta(seconds=request.lease_seconds),
+            actor=actor,
+        )
+        if outcome.job is None:
+            raise JobNotFound(job_id)
+        if not outcome.extended:
+            job = outcome.job
+            if job.status != JobStatus.PROCESSING:
+                raise NotLeaseHolder(
+                    f"The job is {job.status.value}, not processing: there is no lease "
+                    "to extend"
+                )
+            raise NotLeaseHolder(
+                f"The job's lease is held by another worker, not {request.worker_id!r}"
+            )
+        return outcome.job
+
+    def sweep(self) -> SweepOutcome:
+        """Apply lease expiry to every expired lease, then retention, in
+        bounded batches (each its own short transaction)."""
+        failed = released = deleted = 0
+        for _ in range(MAX_RETENTION_BATCHES):
+            outcome = self.repository.sweep_leases(self.clock())
+            failed, released = failed + outcome.failed, released + outcome.released
+            if not (outcome.failed or outcome.released):
+                break
+        if self.retention_days is not None:
+            cutoff = self.clock() - timedelta(days=self.retention_days)
+            for _ in range(MAX_RETENTION_BATCHES):
+                batch = self.repository.delete_finished(cutoff)
+                deleted += batch
+                if not batch:
+                    break
+        return SweepOutcome(failed=failed, released=released, deleted=deleted)
 
     def update(
-        self, job_id: str, data: JobUpdate, *, if_match: frozenset[int] | None = None
+        self,
+        job_id: str,
+        data: JobUpdate,
+        *,
+        if_match: frozenset[int] | None = None,
+        actor: str | None = None,
     ) -> Job:
         """Move a job along the state machine.
 
@@ -206,6 +430,12 @@ class JobService:
         uid = _parse_id(job_id)
         target = data.status
         for _ in range(MAX_UPDATE_ATTEMPTS):
+            now = self.clock()
+            run_at = (
+                None
+                if data.retry_in_seconds is None
+                else now + timedelta(seconds=data.retry_in_seconds)
+            )
             updated = self.repository.transition(
                 uid,
                 target=target,
@@ -213,29 +443,71 @@ class JobService:
                 sources=SOURCES[target],
                 versions=if_match,
                 finished=target in FINISHED,
-                now=self.clock(),
+                now=now,
+                worker_id=data.worker_id,
+                result=data.result,
+                run_at=run_at,
+                lease_until=now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
+                actor=actor,
+                detail=self._detail(data, run_at),
             )
             if updated is not None:
-                if _moved(updated, target):
-                    self.on_status_change(updated.status)
-                return updated
+                job, moved = updated
+                if moved:
+                    self.on_status_change(job.status)
+                return job
             job = self.repository.get(uid)
             if job is None:
                 raise JobNotFound(job_id)
             if if_match is not None and job.version not in if_match:
                 raise VersionMismatch(job.version)
+            if (
+                data.worker_id is not None
+                and job.status == JobStatus.PROCESSING
+                and data.worker_id != job.worker_id
+            ):
+                raise NotLeaseHolder(
+                    f"The job's lease is held by another worker, not {data.worker_id!r}"
+                )
             if target == job.status:
-                if data.error_message == job.error_message:
-                    return job  # nothing to change
+                if not self._anything_to_change(job, data):
+                    return job
             elif target not in TRANSITIONS[job.status]:
                 raise InvalidTransition(job.status, target)
         raise UpdateContention()
+
+    @staticmethod
+    def _anything_to_change(job: Job, data: JobUpdate) -> bool:
+        """Whether a PATCH to the job's own status still changes something."""
+        return (
+            data.error_message != job.error_message
+            or (data.result is not None and data.result != job.result)
+            or data.retry_in_seconds is not None
+        )
+
+    @staticmethod
+    def _detail(data: JobUpdate, run_at: datetime | None) -> dict[str, object] | None:
+        detail: dict[str, object] = {}
+        if data.error_message is not None:
+            detail["error_message"] = data.error_message
+        if run_at is not None:
+            detail["run_at"] = iso(run_at)
+            detail["retry_in_seconds"] = data.retry_in_seconds
+        return detail or None
 
     def _after(self, job: Job) -> datetime:
         """Now, but strictly after the job's last change, whatever the clock says."""
         return max(self.clock(), job.updated_at + ONE_MICROSECOND)
 
-    def claim(self, request: ClaimRequest) -> list[Job]:
+    def claim(self, request: ClaimRequest, *, actor: str | None = None) -> ClaimOutcome:
+        """Claim up to `limit` due jobs, each with a lease of `lease_seconds`;
+        expired leases are swept first, in the same transaction. The outcome
+        says how many leases that sweep expired (for the LeasesExpired metric)."""
+        now = self.clock()
         return self.repository.claim(
-            worker_id=request.worker_id, limit=request.limit, now=self.clock()
+            worker_id=request.worker_id,
+            limit=request.limit,
+            now=now,
+            lease_until=now + timedelta(seconds=request.lease_seconds),
+            actor=actor,
         )

@@ -16,6 +16,7 @@ The README's configuration table is this module's output
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 
 DEFAULT_SQLITE_PATH = "extraction_jobs.db"
@@ -76,9 +78,61 @@ def _auth0_domain(value: str) -> str:
     return domain
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_NAMESPACE_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_/#: "
+)
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _metrics_namespace(value: str) -> str:
+    """CloudWatch's rules for a custom namespace."""
+    if (
+        len(value) > 255
+        or not set(value) <= _NAMESPACE_CHARACTERS
+        or value.startswith("AWS/")
+    ):
+        raise ValueError(
+            "must be at most 255 letters, digits, spaces or . - _ / # : and not "
+            "start with 'AWS/'"
+        )
+    return value
+
+
+def _role_name(value: str) -> str:
+    """A PostgreSQL role name the migration can use without quoting surprises."""
+    if not _ROLE_NAME.match(value):
+        raise ValueError(
+            "must be 1-63 lower-case letters, digits or _, not starting with a digit"
+        )
+    return value
+
+
+def _secret_arn(value: str) -> str:
+    # arn:<partition>:secretsmanager:<region>:<account>:secret:<name>
+    parts = value.split(":")
+    if len(parts) < 7 or parts[2] != "secretsmanager" or parts[5] != "secret":
+        raise ValueError(
+            "must be a Secrets Manager secret ARN "
+            "(arn:aws:secretsmanager:<region>:<account>:secret:<name>)"
+        )
+    return value
+
+
 Flag = Annotated[bool, BeforeValidator(_flag)]
 DatabaseUrl = Annotated[str, AfterValidator(normalize_database_url)]
 Auth0Domain = Annotated[str, AfterValidator(_auth0_domain)]
+LogLevel = Annotated[str, AfterValidator(_log_level)]
+MetricsNamespace = Annotated[str, AfterValidator(_metrics_namespace)]
+RoleName = Annotated[str, AfterValidator(_role_name)]
+SecretArn = Annotated[str, AfterValidator(_secret_arn)]
 
 
 def env(
@@ -225,6 +279,26 @@ class Settings(BaseModel):
         example="prod",
         shown_default="unset",
     )
+    retention_days: int | None = env(
+        "RETENTION_DAYS",
+        None,
+        "the sweep deletes completed/failed jobs (and their events) finished more "
+        "than this many days ago (1..36500)",
+        example="90",
+        shown_default="unset (keep forever)",
+        ge=1,
+        le=36_500,
+    )
+    cursor_secret: str | None = env(
+        "CURSOR_SECRET",
+        None,
+        "key for signing list cursors, 32+ characters; unset: a random key the "
+        "migration stored in the database",
+        example="a-long-random-string-of-32-characters-or-more",
+        shown_default="unset",
+        secret=True,
+        min_length=32,
+    )
     db_iam_auth: Flag = env(
         "DB_IAM_AUTH",
         False,
@@ -236,7 +310,7 @@ class Settings(BaseModel):
         example="1",
         shown_default="unset",
     )
-    db_master_secret_arn: str | None = env(
+    db_master_secret_arn: SecretArn | None = env(
         "DB_MASTER_SECRET_ARN",
         None,
         "migration function only (set by Terraform): the Secrets Manager secret "
@@ -244,9 +318,9 @@ class Settings(BaseModel):
         example="arn:aws:secretsmanager:us-east-1:123456789012:secret:rds-master",
         shown_default="unset",
     )
-    db_app_user: str | None = env(
+    db_app_user: RoleName = env(
         "DB_APP_USER",
-        None,
+        "extraction_app",
         "migration function only (set by Terraform): the application's database "
         "role it creates and grants",
         example="extraction_app",
@@ -268,6 +342,44 @@ class Settings(BaseModel):
         example="extraction-jobs-api",
         shown_default="unset",
     )
+    aws_lambda_initialization_type: str | None = env(
+        "AWS_LAMBDA_INITIALIZATION_TYPE",
+        None,
+        "set by the Lambda runtime, never by hand; `snap-start` makes the pool "
+        "drop its connections after a SnapStart restore",
+        example="on-demand",
+        shown_default="unset",
+    )
+    log_level: LogLevel = env(
+        "LOG_LEVEL",
+        "INFO",
+        "the request log's level: `DEBUG`, `INFO`, `WARNING`, `ERROR` or "
+        "`CRITICAL` (any case)",
+        example="DEBUG",
+    )
+    metrics_enabled: Flag = env(
+        "METRICS_ENABLED",
+        False,
+        "`1` prints CloudWatch EMF metrics to stdout (under uvicorn too), `0` "
+        "turns them off",
+        example="1",
+        shown_default="`1` in Lambda (`AWS_LAMBDA_FUNCTION_NAME` set), else `0`",
+    )
+    metrics_namespace: MetricsNamespace = env(
+        "METRICS_NAMESPACE",
+        "ExtractionJobs",
+        "the CloudWatch namespace of the metrics (not starting with `AWS/`)",
+        example="ExtractionJobs",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_on_in_lambda(cls, data: Any) -> Any:
+        """METRICS_ENABLED unset: on in Lambda, off elsewhere."""
+        if isinstance(data, dict) and "METRICS_ENABLED" not in data:
+            in_lambda = bool(data.get("AWS_LAMBDA_FUNCTION_NAME"))
+            data = {**data, "METRICS_ENABLED": in_lambda}
+        return data
 
     @property
     def resolved_database_url(self) -> str:

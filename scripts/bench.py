@@ -67,6 +67,11 @@ def floor_app():
         started_at=None,
         finished_at=None,
         version=1,
+        max_attempts=3,
+        run_at=now,
+        lease_expires_at=None,
+        result=None,
+        updated_by=None,
     )
     app = FastAPI()
 
@@ -264,7 +269,8 @@ def claim_floor_in_database(url: str, seconds: float) -> Result:
 
     from repository import claim_statement
 
-    compiled = claim_statement("floor", 1, datetime.now(UTC)).compile(
+    now = datetime.now(UTC)
+    compiled = claim_statement("floor", 1, now, now, None).compile(
         dialect=dialect.dialect()
     )
     sql, params = str(compiled), compiled.params

@@ -104,17 +104,20 @@ resource "aws_lambda_function" "api" {
   }
 
   environment {
-    variables = {
-      DATABASE_URL   = local.database_url
-      DB_IAM_AUTH    = "1"
-      AUTH0_DOMAIN   = var.auth0_domain
-      AUTH0_AUDIENCE = var.auth0_audience
-      AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
-      # monitoring.tf: the app's logs and EMF metrics
-      LOG_LEVEL         = var.log_level
-      METRICS_ENABLED   = "1"
-      METRICS_NAMESPACE = var.metrics_namespace
-    }
+    variables = merge(
+      {
+        DATABASE_URL   = local.database_url
+        DB_IAM_AUTH    = "1"
+        AUTH0_DOMAIN   = var.auth0_domain
+        AUTH0_AUDIENCE = var.auth0_audience
+        AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
+        # monitoring.tf: the app's logs and EMF metrics
+        LOG_LEVEL         = var.log_level
+        METRICS_ENABLED   = "1"
+        METRICS_NAMESPACE = var.metrics_namespace
+      },
+      var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
+    )
   }
 
   tracing_config {

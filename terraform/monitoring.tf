@@ -254,8 +254,16 @@ resource "aws_iam_role" "scheduler" {
 
 data "aws_iam_policy_document" "scheduler_invoke" {
   statement {
-    actions   = ["lambda:InvokeFunction"]
-    resources = [aws_lambda_function.api.arn]
+    actions = ["lambda:InvokeFunction"]
+    # Built from the name (as schedule.tf's): read from the function, the
+    # document would be re-planned whenever the function changes (SnapStart).
+    resources = [format(
+      "arn:%s:lambda:%s:%s:function:%s",
+      data.aws_partition.current.partition,
+      data.aws_region.current.name,
+      data.aws_caller_identity.current.account_id,
+      local.function_name,
+    )]
   }
 }
 

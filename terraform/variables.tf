@@ -257,6 +257,30 @@ variable "cors_allow_origins" {
   }
 }
 
+# --- Job lifecycle (sweep, retention) ------------------------------------------
+
+variable "sweep_schedule" {
+  type        = string
+  description = "How often EventBridge Scheduler runs the sweep (expired leases, retention): a rate() or cron() expression."
+  default     = "rate(1 minute)"
+
+  validation {
+    condition     = can(regex("^(rate\\(\\d+ (minute|minutes|hour|hours|day|days)\\)|cron\\([^()]+\\))$", var.sweep_schedule))
+    error_message = "sweep_schedule must be a rate() or cron() expression, e.g. rate(1 minute) or cron(0/5 * * * ? *)."
+  }
+}
+
+variable "job_retention_days" {
+  type        = number
+  description = "Days after which the sweep deletes completed and failed jobs and their events (RETENTION_DAYS). null (the default) keeps them forever."
+  default     = null
+
+  validation {
+    condition     = var.job_retention_days == null || try(var.job_retention_days >= 1 && var.job_retention_days <= 36500 && floor(var.job_retention_days) == var.job_retention_days, false)
+    error_message = "job_retention_days must be null or a whole number of days from 1 to 36500."
+  }
+}
+
 # --- Migrations and database credentials ---------------------------------------
 
 variable "db_app_username" {
@@ -274,6 +298,18 @@ variable "run_migrations_on_apply" {
   type        = bool
   description = "Invoke the migration function (alembic upgrade head, application role grants) during apply whenever the package changes, before the API function gets the new code. Turn off only where no function can run (an emulator); the API then answers 503 until the migration function runs."
   default     = true
+}
+
+variable "enable_snapstart" {
+  type        = bool
+  description = "Lambda SnapStart: publish a version on every apply, snapshot its initialised environment, and point the HTTP API at the `live` alias of it. Needs lambda_runtime python3.12 or newer (refused at plan time on python3.11). Cold starts then restore the snapshot instead of importing the app."
+  default     = false
+  nullable    = false
+
+  validation {
+    condition     = contains([true, false], var.enable_snapstart)
+    error_message = "enable_snapstart must be true or false."
+  }
 }
 
 # --- Monitoring (monitoring.tf) ------------------------------------------------
@@ -446,17 +482,5 @@ variable "pending_jobs_alarm_threshold" {
   validation {
     condition     = var.pending_jobs_alarm_threshold >= 0 && floor(var.pending_jobs_alarm_threshold) == var.pending_jobs_alarm_threshold
     error_message = "pending_jobs_alarm_threshold must be a whole number, 0 to turn the alarm off."
-  }
-}
-
-variable "enable_snapstart" {
-  type        = bool
-  description = "Lambda SnapStart: publish a version on every apply, snapshot its initialised environment, and point the HTTP API at the `live` alias of it. Needs lambda_runtime python3.12 or newer (refused at plan time on python3.11). Cold starts then restore the snapshot instead of importing the app."
-  default     = false
-  nullable    = false
-
-  validation {
-    condition     = contains([true, false], var.enable_snapstart)
-    error_message = "enable_snapstart must be true or false."
   }
 }

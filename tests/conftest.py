@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, text
 
 import database
-from db_models import Base, ExtractionJob
+from db_models import Base, ExtractionJob, JobEventRow
 from main import create_app
 
 IN_CI = os.environ.get("CI") == "true"
@@ -76,6 +76,7 @@ def empty_postgres(url: str) -> None:
         _schema_refreshed.add(url)
     with engine.begin() as connection:
         connection.execute(delete(ExtractionJob))
+        connection.execute(delete(JobEventRow))
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

@@ -238,6 +238,22 @@ def leftovers(endpoint: str) -> dict[str, list]:
     return {kind: names for kind, names in found.items() if names}
 
 
+def assert_sweep_schedule_invokes_the_function(endpoint: str, deployed: dict) -> None:
+    """The EventBridge Scheduler schedule targets the API function with the
+    sweep event lambda_handler routes, through a role that may invoke it."""
+    schedule = emulator_client(endpoint, "scheduler").get_schedule(Name=f"{NAME}-sweep")
+    assert schedule["ScheduleExpression"] == "rate(1 minute)"
+    assert schedule["Target"]["Arn"] == deployed["aws_lambda_function.api"]["arn"]
+    assert json.loads(schedule["Target"]["Input"]) == {"task": "sweep"}
+    role = deployed["aws_iam_role.sweep_scheduler"]
+    assert schedule["Target"]["RoleArn"] == role["arn"]
+    assert "scheduler.amazonaws.com" in role["assume_role_policy"]
+    policy = json.loads(deployed["aws_iam_role_policy.sweep_invoke"]["policy"])
+    [statement] = policy["Statement"]
+    assert statement["Action"] == "lambda:InvokeFunction"
+    assert statement["Resource"] == deployed["aws_lambda_function.api"]["arn"]
+
+
 def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) -> None:
     """The HTTP API as the emulator holds it: an Auth0 JWT authorizer on the
     job routes, the public routes without one, and no other route."""
@@ -424,6 +440,60 @@ def assert_api_role_connects_as_exactly_the_app_user(endpoint: str) -> None:
     assert _allows(statements, "rds-db:connect", master) == []
 
 
+def assert_api_invokes_the_snapstart_alias(endpoint: str, deployed: dict) -> None:
+    """With enable_snapstart: a published version, the `live` alias on it, and
+    the HTTP API's integration and invoke permission on that alias. Whether
+    Lambda really snapshots and restores is beyond the emulator."""
+    lambda_ = emulator_client(endpoint, "lambda")
+    alias = lambda_.get_alias(FunctionName=NAME, Name="live")
+    assert alias["FunctionVersion"].isdigit(), alias  # published, not $LATEST
+    assert alias["FunctionVersion"] == deployed["aws_lambda_function.api"]["version"]
+    api_id = deployed["aws_apigatewayv2_api.main"]["id"]
+    integrations = emulator_client(endpoint, "apigatewayv2").get_integrations(
+        ApiId=api_id
+    )["Items"]
+    assert [item["IntegrationUri"] for item in integrations] == [
+        deployed["aws_lambda_alias.live[0]"]["invoke_arn"]
+    ]
+    assert integrations[0]["IntegrationUri"].endswith(
+        f":function:{NAME}:live/invocations"
+    )
+    assert deployed["aws_lambda_permission.api_gateway"]["qualifier"] == "live"
+
+
+def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]]:
+    """`unexpected_changes`, less moto's gap with SnapStart: it does not keep a
+    function's SnapStart setting, so every plan re-adds it to the function,
+    which would publish a new version and move the alias onto it."""
+    gaps = []
+    for resource in plan.get("resource_changes", []):
+        change = resource["change"]
+        if change["actions"] != ["update"]:
+            continue
+        before, after = change["before"], change["after"]
+        changed = {
+            key
+            for key in before.keys() | after.keys()
+            if before.get(key) != after.get(key)
+        }
+        if resource["address"] == "aws_lambda_function.api":
+            readded = after["snap_start"][0]["apply_on"] == "PublishedVersions"
+            republished = {
+                "snap_start",
+                "version",
+                "qualified_arn",
+                "qualified_invoke_arn",
+            }
+            if before["snap_start"] == [] and readded and changed <= republished:
+                gaps.append(resource["address"])
+        elif (
+            resource["address"] == "aws_lambda_alias.live[0]"
+            and changed == {"function_version"}  # onto the version above
+        ):
+            gaps.append(resource["address"])
+    return [change for change in unexpected_changes(plan) if change[0] not in gaps]
+
+
 def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -> None:
     """Alarms on the topic, the e-mail subscription, the dashboard and the
     stats schedule, as the emulator holds them."""
@@ -529,65 +599,3 @@ def monitoring_leftovers(endpoint: str) -> dict[str, list]:
         ],
     }
     return {kind: names for kind, names in found.items() if names}
-
-
-def assert_api_invokes_the_snapstart_alias(endpoint: str, deployed: dict) -> None:
-    """With enable_snapstart: a published version, the `live` alias on it, and
-    the HTTP API's integration and invoke permission on that alias. Whether
-    Lambda really snapshots and restores is beyond the emulator."""
-    lambda_ = emulator_client(endpoint, "lambda")
-    alias = lambda_.get_alias(FunctionName=NAME, Name="live")
-    assert alias["FunctionVersion"].isdigit(), alias  # published, not $LATEST
-    assert alias["FunctionVersion"] == deployed["aws_lambda_function.api"]["version"]
-    api_id = deployed["aws_apigatewayv2_api.main"]["id"]
-    integrations = emulator_client(endpoint, "apigatewayv2").get_integrations(
-        ApiId=api_id
-    )["Items"]
-    assert [item["IntegrationUri"] for item in integrations] == [
-        deployed["aws_lambda_alias.live[0]"]["invoke_arn"]
-    ]
-    assert integrations[0]["IntegrationUri"].endswith(
-        f":function:{NAME}:live/invocations"
-    )
-    assert deployed["aws_lambda_permission.api_gateway"]["qualifier"] == "live"
-
-
-def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]]:
-    """`unexpected_changes`, less moto's gap with SnapStart: it does not keep a
-    function's SnapStart setting, so every plan re-adds it to the function,
-    which would publish a new version and move the alias onto it."""
-    gaps = []
-    for resource in plan.get("resource_changes", []):
-        change = resource["change"]
-        if change["actions"] != ["update"]:
-            continue
-        before, after = change["before"], change["after"]
-        changed = {
-            key
-            for key in before.keys() | after.keys()
-            if before.get(key) != after.get(key)
-        }
-        if resource["address"] == "aws_lambda_function.api":
-            readded = after["snap_start"][0]["apply_on"] == "PublishedVersions"
-            republished = {
-                "snap_start",
-                "version",
-                "qualified_arn",
-                "qualified_invoke_arn",
-            }
-            if before["snap_start"] == [] and readded and changed <= republished:
-                gaps.append(resource["address"])
-        elif (
-            resource["address"] == "aws_lambda_alias.live[0]"
-            and changed == {"function_version"}  # onto the version above
-        ):
-            gaps.append(resource["address"])
-        elif (
-            resource["type"] == "aws_iam_role_policy"
-            and changed == {"policy"}
-            and change["after_unknown"].get("policy") is True
-        ):
-            # A policy document naming the function is read again after
-            # that (gap) update, so its text is unknown until apply.
-            gaps.append(resource["address"])
-    return [change for change in unexpected_changes(plan) if change[0] not in gaps]

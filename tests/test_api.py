@@ -33,6 +33,11 @@ JOB_FIELDS = {
     "attempts",
     "worker_id",
     "started_at",
+    "max_attempts",
+    "run_at",
+    "lease_expires_at",
+    "result",
+    "updated_by",
     "finished_at",
     "version",
 }

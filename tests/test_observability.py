@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 import database
 import lambda_handler
 import observability
+import settings
 from db_models import ExtractionJob
 from main import create_app
 
@@ -59,8 +60,8 @@ def metrics_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         observability,
         "settings",
-        observability.ObservabilitySettings(
-            metrics_enabled=True, metrics_namespace="TestJobs"
+        settings.settings_from_env(
+            {"METRICS_ENABLED": "1", "METRICS_NAMESPACE": "TestJobs"}
         ),
     )
 
@@ -471,25 +472,25 @@ def test_an_unknown_task_is_refused_and_http_events_still_reach_the_app(
     ],
 )
 def test_a_bad_value_names_its_variable_in_one_line(variable: str, value: str) -> None:
-    with pytest.raises(observability.ObservabilityConfigError) as error:
-        observability.settings_from_env({variable: value})
+    with pytest.raises(settings.ConfigError) as error:
+        settings.settings_from_env({variable: value})
     assert str(error.value).startswith(variable)
     assert "\n" not in str(error.value)
 
 
 def test_settings_defaults_and_values() -> None:
-    read = observability.settings_from_env
-    assert read({}) == observability.ObservabilitySettings(
-        "INFO", False, "ExtractionJobs"
-    )
-    assert read({"AWS_LAMBDA_FUNCTION_NAME": "f"}).metrics_enabled is True
-    assert (
-        read({"AWS_LAMBDA_FUNCTION_NAME": "f", "METRICS_ENABLED": "0"}).metrics_enabled
-        is False
-    )
-    assert read({"METRICS_ENABLED": "1"}).metrics_enabled is True
+    def read(environ: dict[str, str]) -> tuple[str, bool, str]:
+        config = settings.settings_from_env(environ)
+        return config.log_level, config.metrics_enabled, config.metrics_namespace
+
+    assert read({}) == ("INFO", False, "ExtractionJobs")
+    assert read({"AWS_LAMBDA_FUNCTION_NAME": "f"})[1] is True
+    assert read({"AWS_LAMBDA_FUNCTION_NAME": "f", "METRICS_ENABLED": "0"})[1] is False
+    assert read({"METRICS_ENABLED": "1"})[1] is True
     assert read({"LOG_LEVEL": "debug", "METRICS_NAMESPACE": "Team/Jobs"}) == (
-        observability.ObservabilitySettings("DEBUG", False, "Team/Jobs")
+        "DEBUG",
+        False,
+        "Team/Jobs",
     )
 
 
@@ -505,4 +506,6 @@ def test_a_bad_log_level_stops_the_lambda_import() -> None:
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()  # no traceback
-    assert line.startswith("configuration error: LOG_LEVEL must be one of")
+    assert line.startswith(
+        "configuration error: LOG_LEVEL (got 'LOUD'): must be one of"
+    )

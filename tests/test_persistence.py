@@ -167,6 +167,8 @@ def test_make_migrate_command_creates_the_table(database_url):
     if database_url.startswith("postgresql"):
         with database.get_engine(database_url).begin() as connection:
             connection.execute(text("DROP TABLE extraction_job"))
+            connection.execute(text("DROP TABLE IF EXISTS extraction_job_event"))
+            connection.execute(text("DROP TABLE IF EXISTS extraction_job_cursor_key"))
             connection.execute(text("DROP TABLE alembic_version"))
         database.reset_engines()
     result = subprocess.run(
@@ -309,8 +311,10 @@ def test_postgres_list_queries_use_an_index(document_id, status):
 def test_postgres_claim_uses_the_partial_pending_index():
     url = postgres_url()
     database.upgrade_schema(url)
-    plan = _postgres_plan(url, claim_statement("w", 5, datetime.now(UTC)))
+    now = datetime.now(UTC)
+    plan = _postgres_plan(url, claim_statement("w", 5, now, now, None))
     assert "ix_extraction_job_pending_claim" in plan, plan
+    assert "ix_extraction_job_lease" in plan, plan  # the sweep in the same statement
     assert "LockRows" in plan, plan
 
 

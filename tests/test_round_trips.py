@@ -131,7 +131,8 @@ def test_every_request_type_is_one_round_trip(counted):
         lambda: client.post("/extraction-jobs", json={"document_id": "rt"})
     )
     assert created.status_code == 201
-    assert len(sent) == 1 and sent[0].startswith("INSERT"), sent
+    # The INSERT and its `created` event: one statement of data-modifying CTEs.
+    assert len(sent) == 1 and sent[0].startswith("WITH in_line AS"), sent
     job = created.json()
 
     keyed, sent = count(
@@ -178,7 +179,8 @@ def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
 
     moved, sent = count(lambda: client.patch(url, json={"status": "processing"}))
     assert (moved.status_code, moved.json()["attempts"]) == (200, 1)
-    assert len(sent) == 1 and sent[0].startswith("UPDATE"), sent
+    # The conditional UPDATE and its event: one statement.
+    assert len(sent) == 1 and sent[0].startswith("WITH changed AS"), sent
 
     message, sent = count(
         lambda: client.patch(url, json={"status": "processing", "error_message": "x"})
@@ -346,3 +348,33 @@ def test_under_snapstart_restored_pools_are_dropped_by_the_runtime_hook(
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_lease_history_stats_and_cursor_requests_are_one_round_trip_each(counted):
+    client, count = counted()
+    for _ in range(3):
+        _job(client)
+    claimed, sent = count(
+        lambda: client.post(
+            "/extraction-jobs/claim", json={"worker_id": "w", "lease_seconds": 60}
+        )
+    )
+    [job] = claimed.json()
+    assert len(sent) == 1, sent  # sweep, claim and events in one statement
+    for request in (
+        lambda: client.post(
+            f"/extraction-jobs/{job['id']}/heartbeat", json={"worker_id": "w"}
+        ),
+        lambda: client.post(
+            f"/extraction-jobs/{job['id']}/heartbeat", json={"worker_id": "other"}
+        ),
+        lambda: client.get(f"/extraction-jobs/{job['id']}/events"),
+        lambda: client.get("/extraction-jobs/stats"),
+    ):
+        response, sent = count(request)
+        assert response.status_code in (200, 409), response.text
+        assert len(sent) == 1, sent
+    first = client.get("/extraction-jobs", params={"limit": 1})
+    page, sent = count(lambda: client.get(first.headers["Link"][1:].split(">")[0]))
+    assert page.status_code == 200 and len(page.json()) == 1
+    assert len(sent) == 1, sent

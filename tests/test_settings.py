@@ -41,6 +41,15 @@ def problems(**values: str) -> list[str]:
         ("AUTH_REQUIRE_SCOPES", "sometimes", "1/true/yes/on or 0/false/no/off"),
         ("AUTH0_DOMAIN", "https://tenant.example.com/path", "host name"),
         ("DATABASE_URL", "mysql://user@host/db", "postgresql://"),
+        ("LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        ("METRICS_ENABLED", "maybe", "1/true/yes/on or 0/false/no/off"),
+        ("METRICS_NAMESPACE", "AWS/Lambda", "not start with 'AWS/'"),
+        ("METRICS_NAMESPACE", "Jobs{prod}", "at most 255 letters"),
+        ("RETENTION_DAYS", "ninety", "valid integer"),
+        ("RETENTION_DAYS", "0", "greater than or equal to 1"),
+        ("CURSOR_SECRET", "too-short", "at least 32 characters"),
+        ("DB_APP_USER", "App-Role", "lower-case letters, digits or _"),
+        ("DB_MASTER_SECRET_ARN", "rds-master", "Secrets Manager secret ARN"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable_and_the_fix(name, value, wanted):
@@ -79,7 +88,8 @@ def test_settings_import_no_database_driver_jwt_or_http_library():
     script = (
         "import sys, settings; settings.load_settings({'AUTH_DISABLED': '1'}); "
         "print(sorted({m.split('.')[0] for m in sys.modules} "
-        "& {'jose', 'cryptography', 'httpx', 'psycopg2', 'sqlalchemy'}))"
+        "& {'jose', 'cryptography', 'httpx', 'psycopg2', 'sqlalchemy', "
+        "'aws_lambda_powertools', 'botocore'}))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -213,3 +223,100 @@ def test_make_test_ends_saying_how_many_postgresql_tests_skipped(tmp_path):
     closing = result.stdout.strip().splitlines()[-2:]
     assert closing[0].startswith("1 PostgreSQL tests skipped: set TEST_DATABASE_URL")
     assert "1 passed, 1 skipped" in closing[1]
+
+
+# --- the variables that used to be read elsewhere ------------------------------
+
+
+def test_no_module_but_settings_reads_the_environment():
+    """Every variable the service reads is a `Settings` field (and so a row
+    of the README's table): no other module of the service reads os.environ."""
+    readers = re.compile(r"\bos\.environ\b|\bgetenv\(|\benviron\.get\(")
+    modules = [*ROOT.glob("*.py"), *(ROOT / "migrations").glob("*.py")]
+    offenders = [
+        f"{path.name}:{number}"
+        for path in modules
+        if path.name != "settings.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if readers.search(line)
+    ]
+    assert offenders == []
+
+
+def test_logging_and_metrics_variables_parse_and_default():
+    config = settings.load_settings({"AUTH_DISABLED": "1", "LOG_LEVEL": " warning "})
+    assert (config.log_level, config.metrics_enabled) == ("WARNING", False)
+    assert config.metrics_namespace == "ExtractionJobs"
+    in_lambda = {"AUTH_DISABLED": "1", "AWS_LAMBDA_FUNCTION_NAME": "api"}
+    assert settings.load_settings(in_lambda).metrics_enabled is True
+    off = settings.load_settings({**in_lambda, "METRICS_ENABLED": "off"})
+    assert off.metrics_enabled is False
+    assert settings.load_settings({"AUTH_DISABLED": "1"}).db_app_user == (
+        "extraction_app"
+    )
+
+
+def test_uvicorn_names_each_bad_logging_or_metrics_variable(tmp_path):
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
+    command += ["--host", "127.0.0.1"]
+    env = clean_env(
+        tmp_path, AUTH_DISABLED="1", LOG_LEVEL="LOUD", METRICS_NAMESPACE="AWS/Jobs"
+    )
+    result = subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line.split(" (got")[0] for line in result.stderr.splitlines()] == [
+        "configuration error: LOG_LEVEL",
+        "configuration error: METRICS_NAMESPACE",
+    ]
+
+
+def test_lambda_import_names_each_bad_metrics_or_retention_variable(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import lambda_handler"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(
+            tmp_path,
+            AUTH_DISABLED="1",
+            METRICS_ENABLED="maybe",
+            RETENTION_DAYS="90d",
+            AWS_LAMBDA_FUNCTION_NAME="extraction-jobs-api",
+        ),
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line.split(" (got")[0] for line in result.stderr.splitlines()] == [
+        "configuration error: RETENTION_DAYS",
+        "configuration error: METRICS_ENABLED",
+    ]
+
+
+def test_the_migration_function_reads_its_variables_from_settings(monkeypatch):
+    import migration
+
+    for name in settings.ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://127.0.0.1:1/jobs")
+    with pytest.raises(migration.MigrationError, match="^DB_MASTER_SECRET_ARN is not"):
+        migration.run()
+    monkeypatch.setenv("DB_MASTER_SECRET_ARN", "rds-master")
+    with pytest.raises(migration.MigrationError) as raised:
+        migration.run()
+    [line] = str(raised.value).splitlines()
+    assert line.startswith("DB_MASTER_SECRET_ARN (got 'rds-master'): must be")
+    monkeypatch.delenv("DB_MASTER_SECRET_ARN")
+    assert migration.app_role_name() == "extraction_app"
+    monkeypatch.setenv("DB_APP_USER", "jobs_app")
+    assert migration.app_role_name() == "jobs_app"

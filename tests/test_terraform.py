@@ -23,6 +23,7 @@ from terraform_emulator import (
     assert_network_isolation,
     assert_no_password_in_state_or_environment,
     assert_only_the_migration_role_reads_the_secret,
+    assert_sweep_schedule_invokes_the_function,
     leftovers,
     monitoring_leftovers,
     state_values,
@@ -338,6 +339,8 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
     assert set(of_type(resources, "aws_iam_role_policy")) == {
         "aws_iam_role_policy.lambda_rds_connect",
         "aws_iam_role_policy.migration_read_master_secret",
+        # The sweep scheduler's (schedule.tf), not the function's.
+        "aws_iam_role_policy.sweep_invoke",
         "aws_iam_role_policy.scheduler_invoke",  # the stats schedule's own role
     }
     assert "aws_iam_role.lambda" in references(
@@ -720,6 +723,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
             moto_endpoint, deployed, variables
         )
         assert_network_isolation(moto_endpoint, deployed)
+        assert_sweep_schedule_invokes_the_function(moto_endpoint, deployed)
         assert_gateway_authorizer(moto_endpoint, deployed, variables)
         raw_state = (terraform.workdir / "terraform.tfstate").read_text()
         assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)

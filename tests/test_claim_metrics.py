@@ -1,0 +1,131 @@
+"""LeasesExpired counts every expiry: those the sweep at the start of each
+claim handles as well as the scheduled sweep's, one per lease_expired event.
+
+EMF records are read from stdout as CloudWatch Logs receives them, with
+metrics on as METRICS_ENABLED=1 turns them on; on both databases.
+"""
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import observability
+import settings
+from main import create_app, run_sweep
+
+
+class Clock:
+    """Now, plus however far the test has moved it."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+        self.lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def app(database_url: str, monkeypatch: pytest.MonkeyPatch, clock: Clock):
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setattr(
+        observability, "settings", settings.settings_from_env({"METRICS_ENABLED": "1"})
+    )
+    app = create_app()
+    app.state.service.clock = clock
+    return app
+
+
+@pytest.fixture
+def client(app) -> TestClient:
+    return TestClient(app)
+
+
+def leases_expired(captured: str) -> list[float]:
+    """Every LeasesExpired value among the EMF records printed."""
+    values: list[float] = []
+    for line in captured.splitlines():
+        if '"_aws"' in line:
+            value = json.loads(line).get("LeasesExpired", [])
+            values.extend(value if isinstance(value, list) else [value])
+    return values
+
+
+def create(client: TestClient, document_id: str, **fields: Any) -> str:
+    response = client.post(
+        "/extraction-jobs", json={"document_id": document_id, **fields}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def claim(client: TestClient, worker_id: str, limit: int) -> list[dict]:
+    response = client.post(
+        "/extraction-jobs/claim",
+        json={"worker_id": worker_id, "limit": limit, "lease_seconds": 10},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def expiry_events(client: TestClient, job_ids: list[str]) -> int:
+    return sum(
+        event["type"] == "lease_expired"
+        for job_id in job_ids
+        for event in client.get(f"/extraction-jobs/{job_id}/events").json()
+    )
+
+
+def test_a_claim_counts_the_leases_its_sweep_expired(
+    app, client: TestClient, clock: Clock, capsys: pytest.CaptureFixture
+) -> None:
+    ids = [
+        create(client, "last-try.pdf", max_attempts=1),
+        create(client, "retry-a.pdf"),
+        create(client, "retry-b.pdf"),
+    ]
+    assert len(claim(client, "dies", 3)) == 3
+    assert leases_expired(capsys.readouterr().out) == []  # nothing had expired
+
+    clock.advance(11)
+    # The claim's sweep fails the job out of attempts and takes one expired
+    # lease again: two expiries. The other expired lease waits.
+    [retaken] = claim(client, "lives", 1)
+    assert retaken["attempts"] == 2
+    assert leases_expired(capsys.readouterr().out) == [2.0]
+    assert client.get(f"/extraction-jobs/{ids[0]}").json()["status"] == "failed"
+
+    # The scheduled sweep releases the one left, counted as before.
+    assert run_sweep(app)["leases_released"] == 1
+    assert leases_expired(capsys.readouterr().out) == [1.0]
+    assert expiry_events(client, ids) == 3  # one count per recorded expiry
+
+
+def test_a_claim_that_takes_nothing_still_counts_the_leases_it_failed(
+    client: TestClient, clock: Clock, capsys: pytest.CaptureFixture
+) -> None:
+    ids = [create(client, f"{n}.pdf", max_attempts=1) for n in range(2)]
+    assert len(claim(client, "dies", 2)) == 2
+    clock.advance(11)
+    assert claim(client, "next", 5) == []
+    assert leases_expired(capsys.readouterr().out) == [2.0]
+    assert [
+        client.get(f"/extraction-jobs/{job_id}").json()["status"] for job_id in ids
+    ] == ["failed", "failed"]
+    assert expiry_events(client, ids) == 2
+    assert claim(client, "next", 5) == []  # nothing more to expire
+    assert leases_expired(capsys.readouterr().out) == []

@@ -254,8 +254,9 @@ def seed_pending(url: str, count: int) -> None:
         url,
         """
         INSERT INTO extraction_job (id, document_id, status, priority, created_at,
-                                    updated_at, attempts, version)
-        SELECT gen_random_uuid(), 'bench-' || n, 'pending', n %% 11, now(), now(), 0, 1
+                                    updated_at, run_at, attempts, version)
+        SELECT gen_random_uuid(), 'bench-' || n, 'pending', n %% 11, now(), now(),
+               now(), 0, 1
         FROM generate_series(1, %s) AS n
         """,
         (count,),

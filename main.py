@@ -430,8 +430,11 @@ async def update_job(
 
 def run_sweep(app: FastAPI) -> dict[str, int]:
     """The sweep outside HTTP (the schedule, `make sweep`): one JSON log line
-    with what it did, and the same counts returned."""
-    outcome = app.state.service.sweep()
+    with what it did, and the same counts returned. Then the queue gauges
+    (PendingJobs, ProcessingJobs, OldestPendingAgeSeconds) as they stand after
+    it, from the one query of GET /extraction-jobs/stats."""
+    service = app.state.service
+    outcome = service.sweep()
     counts = {
         "leases_failed": outcome.failed,
         "leases_released": outcome.released,
@@ -439,6 +442,14 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
     }
     observability.logger.info("sweep", extra=counts)
     observability.count("LeasesExpired", outcome.failed + outcome.released)
+    stats = service.stats()
+    observability.publish_job_gauges(
+        observability.JobGauges(
+            pending=stats.counts.pending,
+            processing=stats.counts.processing,
+            oldest_pending_age_seconds=round(stats.oldest_pending_age_seconds or 0.0, 3),
+        )
+    )
     return counts
 
 

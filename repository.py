@@ -1221,18 +1221,3 @@ class ExtractionJobRepository:
             else max(0.0, (now - oldest).total_seconds()),
             expired_leases=expired,
         )
-
-    def queue_gauges(self) -> tuple[int, int, datetime | None]:
-        """Pending count, processing count, and the oldest pending job's
-        `created_at`, in one query (for the scheduled gauges)."""
-        pending = JOBS.c.status == PENDING
-        processing = JOBS.c.status == PROCESSING
-        query = select(
-            func.count().filter(pending),
-            func.count().filter(processing),
-            func.min(JOBS.c.created_at).filter(pending),
-        ).where(JOBS.c.status.in_([PENDING, PROCESSING]))
-        pending_count, processing_count, oldest = run(
-            self.url, lambda connection: connection.execute(query).one()
-        )
-        return pending_count, processing_count, oldest

@@ -443,11 +443,10 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
     observability.logger.info("sweep", extra=counts)
     observability.count("LeasesExpired", outcome.failed + outcome.released)
     stats = service.stats()
+    oldest_age = round(stats.oldest_pending_age_seconds or 0.0, 3)
     observability.publish_job_gauges(
         observability.JobGauges(
-            pending=stats.counts.pending,
-            processing=stats.counts.processing,
-            oldest_pending_age_seconds=round(stats.oldest_pending_age_seconds or 0.0, 3),
+            stats.counts.pending, stats.counts.processing, oldest_age
         )
     )
     return counts

@@ -9,7 +9,7 @@ behind `Metrics`), in Lambda and under uvicorn alike:
   job ids), answers with `X-Request-Id`, and emits `Requests`, `Errors5xx` and
   `Latency` by route. Bodies, metadata, results and tokens are never logged.
 - `count()` emits a domain counter (JobsCreated, ..., LeasesExpired);
-  `publish_job_gauges()` the gauges of a scheduled stats run.
+  `publish_job_gauges()` the queue gauges of each scheduled sweep.
 
 Metrics are printed to stdout in Embedded Metric Format, which CloudWatch Logs
 turns into metrics: no API call, no network. Logs go to stderr, so stdout

@@ -1,6 +1,7 @@
 """Run the sweep once against DATABASE_URL (or the default SQLite file):
 expired leases are released or failed, and with RETENTION_DAYS set, finished
-jobs past retention are deleted. In AWS the EventBridge schedule does this.
+jobs past retention are deleted; then the queue gauges are logged (`job gauges`).
+In AWS the EventBridge schedule does this.
 
 Usage: make sweep   (or: python scripts/sweep.py)
 """

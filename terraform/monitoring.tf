@@ -1,4 +1,5 @@
-# Alarms, a dashboard, the scheduled queue gauges and (optionally) tracing.
+# Alarms, a dashboard and (optionally) tracing. The queue gauges come from the
+# sweep schedule (schedule.tf).
 #
 # The application writes its own metrics (Requests, Errors5xx, Latency by
 # route; JobsCreated/Claimed/Completed/Failed; the queue gauges) to its log as

@@ -7,7 +7,6 @@ Usage: make sweep   (or: python scripts/sweep.py)
 """
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from main import create_app, run_sweep
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(json.dumps(run_sweep(create_app())))
 
 

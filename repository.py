@@ -248,18 +248,22 @@ def _exhausted(now: datetime) -> Select:
     )
 
 
+# What the claim needs of a job it may take: lapsed leases and due jobs alike.
+_CANDIDATE_COLUMNS = (
+    JOBS.c.seq,
+    JOBS.c.priority,
+    JOBS.c.status,
+    JOBS.c.worker_id,
+    JOBS.c.attempts,
+    JOBS.c.max_attempts,
+    JOBS.c.lease_expires_at,
+)
+
+
 def _lapsed(now: datetime, limit: int) -> Select:
     """Processing jobs whose lease ran out and that may be tried again."""
     return (
-        select(
-            JOBS.c.seq,
-            JOBS.c.priority,
-            JOBS.c.status,
-            JOBS.c.worker_id,
-            JOBS.c.attempts,
-            JOBS.c.max_attempts,
-            JOBS.c.lease_expires_at,
-        )
+        select(*_CANDIDATE_COLUMNS)
         .where(
             JOBS.c.status == PROCESSING,
             JOBS.c.lease_expires_at <= now,
@@ -277,15 +281,7 @@ def _lapsed(now: datetime, limit: int) -> Select:
 def _due(now: datetime, limit: int) -> Select:
     """Pending jobs whose `run_at` has come, most urgent first, then oldest."""
     return (
-        select(
-            JOBS.c.seq,
-            JOBS.c.priority,
-            JOBS.c.status,
-            JOBS.c.worker_id,
-            JOBS.c.attempts,
-            JOBS.c.max_attempts,
-            JOBS.c.lease_expires_at,
-        )
+        select(*_CANDIDATE_COLUMNS)
         .where(JOBS.c.status == PENDING, JOBS.c.run_at <= now)
         .order_by(JOBS.c.priority.desc(), JOBS.c.seq)
         .limit(limit)

@@ -371,7 +371,8 @@ async def get_job(job_id: str, response: Response, service: Service, _: Reader) 
     "/{job_id}/heartbeat",
     response_model=Job,
     summary="Extend the lease of a job this worker holds",
-    responses=_errors(404, 409, 413, 422, *COMMON_ERRORS),
+    dependencies=JSON_BODY,
+    responses=_errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
 )
 async def heartbeat(
     job_id: str,

@@ -777,7 +777,9 @@ def _app_or_exit() -> FastAPI:
     """The module's app; a configuration error stops the start (uvicorn, the
     Lambda import) with one line per problem and no traceback."""
     try:
-        return create_app()
+        app = create_app()
+        observability.adopt_uvicorn_logs()
+        return app
     except ConfigError as error:
         exit_on_config_error(error)
         raise  # not reached: exit_on_config_error exits

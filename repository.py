@@ -519,8 +519,8 @@ def _transition(
     PostgreSQL write its event in the same statement.
 
     It changes the row only if the job is in one of `sources` (or already at
-    `target` with something else to change: the error message, the result,
-    or with `retry_in_seconds` the run_at) and, `with_versions`, at one of the
+    `target` with something else to change: the error message or the
+    result, but never `with_retry`) and, `with_versions`, at one of the
     versions If-Match named; `with_worker`, a processing job only if that
     worker holds it. The row is read as `old` in the same statement, and only
     updated while still at that version, so the event's `from_status` is
@@ -578,15 +578,14 @@ def _transition(
     something_else = [JOBS.c.error_message.is_distinct_from(message)]
     if with_result:
         something_else.append(JOBS.c.result.is_distinct_from(result))
-    if with_retry:
-        something_else.append(true())
+    same_status = and_(JOBS.c.status == target.value, or_(*something_else))
     condition = [
         JOBS.c.seq == before.c.old_seq,
         JOBS.c.version == before.c.old_version,
-        or_(
-            JOBS.c.status.in_(allowed),
-            and_(JOBS.c.status == target.value, or_(*something_else)),
-        ),
+        # A retry is a move: never a change within the status.
+        JOBS.c.status.in_(allowed)
+        if with_retry
+        else or_(JOBS.c.status.in_(allowed), same_status),
     ]
     if with_versions:
         condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))

@@ -9,15 +9,14 @@ invocation, so they are off and nothing depends on them.
 on a named stage rather than `$default`; Mangum strips it from the path.
 
 Besides API Gateway events, `handler` takes scheduled tasks: an event
-`{"task": "<name>"}` (sent by EventBridge Scheduler) runs `SCHEDULED_TASKS[name]`.
+`{"task": "<name>"}` (sent by EventBridge Scheduler) runs `SCHEDULED_TASKS[name]`:
+today only the sweep, which also publishes the queue gauges (main.run_sweep).
 """
 
 import json
-from datetime import UTC, datetime
 
 from mangum import Mangum
 
-import observability
 from main import app, log_unhandled, run_sweep
 from settings import settings_from_env
 
@@ -75,18 +74,8 @@ def build_handler(asgi_app) -> Mangum:
 http_handler = build_handler(app)
 
 
-def publish_stats(_event: dict) -> dict:
-    """The queue gauges: PendingJobs, ProcessingJobs, OldestPendingAgeSeconds."""
-    pending, processing, oldest = app.state.service.repository.queue_gauges()
-    age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-    gauges = observability.JobGauges(pending, processing, round(max(age, 0.0), 3))
-    observability.publish_job_gauges(gauges)
-    return {"task": "stats", "pending": pending, "processing": processing}
-
-
 # Scheduled tasks by the event's "task" value: one line per task.
 SCHEDULED_TASKS = {
-    "stats": publish_stats,
     "sweep": lambda _event: run_sweep(app),
 }
 # The input of the sweep schedule (terraform/schedule.tf).

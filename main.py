@@ -234,6 +234,9 @@ _AFTER_TAG = re.compile(r"[ \t]*(?:,|\Z)")
 # Our tags are the version in ASCII decimal, no leading zero; 19 digits
 # bound the number (and int() never sees a Unicode digit or 5,000 digits).
 _OUR_OPAQUE_TAG = re.compile(r"[1-9][0-9]{0,18}")
+# The largest version a BIGINT holds: a larger tag is never ours (and the
+# database driver could not even bind it: SQLite raised OverflowError, a 500).
+_MAX_VERSION = 2**63 - 1
 IF_MATCH_EXAMPLE = '"3"'
 
 
@@ -278,7 +281,11 @@ def _parse_if_match(values: list[str]) -> frozenset[int] | None:
             )
         tags += 1
         weak, opaque = tag.groups()
-        if not weak and _OUR_OPAQUE_TAG.fullmatch(opaque):
+        if (
+            not weak
+            and _OUR_OPAQUE_TAG.fullmatch(opaque)
+            and int(opaque) <= _MAX_VERSION
+        ):
             versions.add(int(opaque))
         position = _LIST_GAP.match(text, after.end()).end()
     if not tags:
@@ -429,7 +436,8 @@ async def get_job(job_id: str, request: Request, response: Response, _: Reader) 
     "/{job_id}/heartbeat",
     response_model=Job,
     summary="Extend the lease of a job this worker holds",
-    responses=_errors(404, 409, 413, 422, *COMMON_ERRORS),
+    dependencies=JSON_BODY,
+    responses=_errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
 )
 async def heartbeat(
     job_id: str,
@@ -493,8 +501,11 @@ async def update_job(
 
 def run_sweep(app: FastAPI) -> dict[str, int]:
     """The sweep outside HTTP (the schedule, `make sweep`): one JSON log line
-    with what it did, and the same counts returned."""
-    outcome = app.state.service.sweep()
+    with what it did, and the same counts returned. Then the queue gauges
+    (PendingJobs, ProcessingJobs, OldestPendingAgeSeconds) as they stand after
+    it, from the one query of GET /extraction-jobs/stats."""
+    service = app.state.service
+    outcome = service.sweep()
     counts = {
         "leases_failed": outcome.failed,
         "leases_released": outcome.released,
@@ -502,6 +513,13 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
     }
     observability.logger.info("sweep", extra=counts)
     observability.count("LeasesExpired", outcome.failed + outcome.released)
+    stats = service.stats()
+    oldest_age = round(stats.oldest_pending_age_seconds or 0.0, 3)
+    observability.publish_job_gauges(
+        observability.JobGauges(
+            stats.counts.pending, stats.counts.processing, oldest_age
+        )
+    )
     return counts
 
 
@@ -849,7 +867,9 @@ def _app_or_exit() -> FastAPI:
     """The module's app; a configuration error stops the start (uvicorn, the
     Lambda import) with one line per problem and no traceback."""
     try:
-        return create_app()
+        app = create_app()
+        observability.adopt_uvicorn_logs()
+        return app
     except ConfigError as error:
         exit_on_config_error(error)
         raise  # not reached: exit_on_config_error exits

@@ -9,7 +9,7 @@ behind `Metrics`), in Lambda and under uvicorn alike:
   job ids), answers with `X-Request-Id`, and emits `Requests`, `Errors5xx` and
   `Latency` by route. Bodies, metadata, results and tokens are never logged.
 - `count()` emits a domain counter (JobsCreated, ..., LeasesExpired);
-  `publish_job_gauges()` the gauges of a scheduled stats run.
+  `publish_job_gauges()` the queue gauges of each scheduled sweep.
 
 Metrics are printed to stdout in Embedded Metric Format, which CloudWatch Logs
 turns into metrics: no API call, no network. Logs go to stderr, so stdout
@@ -254,3 +254,26 @@ def publish_job_gauges(gauges: JobGauges) -> None:
             "OldestPendingAgeSeconds", "Seconds", gauges.oldest_pending_age_seconds
         )
         metrics.flush_metrics()
+
+
+# --- uvicorn's own lines -------------------------------------------------------
+
+
+def _drop_color_message(record: logging.LogRecord) -> bool:
+    record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy
+    return True
+
+
+def adopt_uvicorn_logs() -> None:
+    """Under uvicorn, its own lines (started, shutting down, its errors) in the
+    same JSON format on stderr, and no plain-text access line: the request
+    line above says all it does, so stderr is one JSON line per request."""
+    if "uvicorn" not in sys.modules:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logger.registered_formatter)
+    handler.addFilter(_drop_color_message)
+    uvicorn_logger = logging.getLogger("uvicorn")
+    uvicorn_logger.handlers = [handler]
+    uvicorn_logger.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True

@@ -248,18 +248,22 @@ def _exhausted(now: datetime) -> Select:
     )
 
 
+# What the claim needs of a job it may take: lapsed leases and due jobs alike.
+_CANDIDATE_COLUMNS = (
+    JOBS.c.seq,
+    JOBS.c.priority,
+    JOBS.c.status,
+    JOBS.c.worker_id,
+    JOBS.c.attempts,
+    JOBS.c.max_attempts,
+    JOBS.c.lease_expires_at,
+)
+
+
 def _lapsed(now: datetime, limit: int) -> Select:
     """Processing jobs whose lease ran out and that may be tried again."""
     return (
-        select(
-            JOBS.c.seq,
-            JOBS.c.priority,
-            JOBS.c.status,
-            JOBS.c.worker_id,
-            JOBS.c.attempts,
-            JOBS.c.max_attempts,
-            JOBS.c.lease_expires_at,
-        )
+        select(*_CANDIDATE_COLUMNS)
         .where(
             JOBS.c.status == PROCESSING,
             JOBS.c.lease_expires_at <= now,
@@ -277,15 +281,7 @@ def _lapsed(now: datetime, limit: int) -> Select:
 def _due(now: datetime, limit: int) -> Select:
     """Pending jobs whose `run_at` has come, most urgent first, then oldest."""
     return (
-        select(
-            JOBS.c.seq,
-            JOBS.c.priority,
-            JOBS.c.status,
-            JOBS.c.worker_id,
-            JOBS.c.attempts,
-            JOBS.c.max_attempts,
-            JOBS.c.lease_expires_at,
-        )
+        select(*_CANDIDATE_COLUMNS)
         .where(JOBS.c.status == PENDING, JOBS.c.run_at <= now)
         .order_by(JOBS.c.priority.desc(), JOBS.c.seq)
         .limit(limit)
@@ -523,8 +519,8 @@ def _transition(
     PostgreSQL write its event in the same statement.
 
     It changes the row only if the job is in one of `sources` (or already at
-    `target` with something else to change: the error message, the result,
-    or with `retry_in_seconds` the run_at) and, `with_versions`, at one of the
+    `target` with something else to change: the error message or the
+    result, but never `with_retry`) and, `with_versions`, at one of the
     versions If-Match named; `with_worker`, a processing job only if that
     worker holds it. The row is read as `old` in the same statement, and only
     updated while still at that version, so the event's `from_status` is
@@ -582,15 +578,14 @@ def _transition(
     something_else = [JOBS.c.error_message.is_distinct_from(message)]
     if with_result:
         something_else.append(JOBS.c.result.is_distinct_from(result))
-    if with_retry:
-        something_else.append(true())
+    same_status = and_(JOBS.c.status == target.value, or_(*something_else))
     condition = [
         JOBS.c.seq == before.c.old_seq,
         JOBS.c.version == before.c.old_version,
-        or_(
-            JOBS.c.status.in_(allowed),
-            and_(JOBS.c.status == target.value, or_(*something_else)),
-        ),
+        # A retry is a move: never a change within the status.
+        JOBS.c.status.in_(allowed)
+        if with_retry
+        else or_(JOBS.c.status.in_(allowed), same_status),
     ]
     if with_versions:
         condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))
@@ -1221,18 +1216,3 @@ class ExtractionJobRepository:
             else max(0.0, (now - oldest).total_seconds()),
             expired_leases=expired,
         )
-
-    def queue_gauges(self) -> tuple[int, int, datetime | None]:
-        """Pending count, processing count, and the oldest pending job's
-        `created_at`, in one query (for the scheduled gauges)."""
-        pending = JOBS.c.status == PENDING
-        processing = JOBS.c.status == PROCESSING
-        query = select(
-            func.count().filter(pending),
-            func.count().filter(processing),
-            func.min(JOBS.c.created_at).filter(pending),
-        ).where(JOBS.c.status.in_([PENDING, PROCESSING]))
-        pending_count, processing_count, oldest = run(
-            self.url, lambda connection: connection.execute(query).one()
-        )
-        return pending_count, processing_count, oldest

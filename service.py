@@ -78,6 +78,17 @@ class InvalidTransition(Exception):
         )
 
 
+class RetryNotAllowed(InvalidTransition):
+    """`retry_in_seconds` on a job that is not processing or failed."""
+
+    def __init__(self, current: JobStatus) -> None:
+        Exception.__init__(
+            self,
+            f"retry_in_seconds releases a processing job or retries a failed one; "
+            f"this job is '{current}'",
+        )
+
+
 class VersionMismatch(Exception):
     """If-Match named a version the job no longer has."""
 
@@ -470,6 +481,8 @@ class JobService:
                     f"The job's lease is held by another worker, not {data.worker_id!r}"
                 )
             if target == job.status:
+                if data.retry_in_seconds is not None:
+                    raise RetryNotAllowed(job.status)
                 if not self._anything_to_change(job, data):
                     return job
             elif target not in TRANSITIONS[job.status]:
@@ -479,10 +492,8 @@ class JobService:
     @staticmethod
     def _anything_to_change(job: Job, data: JobUpdate) -> bool:
         """Whether a PATCH to the job's own status still changes something."""
-        return (
-            data.error_message != job.error_message
-            or (data.result is not None and data.result != job.result)
-            or data.retry_in_seconds is not None
+        return data.error_message != job.error_message or (
+            data.result is not None and data.result != job.result
         )
 
     @staticmethod

@@ -1,12 +1,12 @@
 """Run the sweep once against DATABASE_URL (or the default SQLite file):
 expired leases are released or failed, and with RETENTION_DAYS set, finished
-jobs past retention are deleted. In AWS the EventBridge schedule does this.
+jobs past retention are deleted; then the queue gauges are logged (`job gauges`).
+In AWS the EventBridge schedule does this.
 
 Usage: make sweep   (or: python scripts/sweep.py)
 """
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -16,7 +16,6 @@ from main import create_app, run_sweep
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(json.dumps(run_sweep(create_app())))
 
 

@@ -1,4 +1,5 @@
-# Alarms, a dashboard, the scheduled queue gauges and (optionally) tracing.
+# Alarms, a dashboard and (optionally) tracing. The queue gauges come from the
+# sweep schedule (schedule.tf).
 #
 # The application writes its own metrics (Requests, Errors5xx, Latency by
 # route; JobsCreated/Claimed/Completed/Failed; the queue gauges) to its log as
@@ -198,11 +199,12 @@ resource "aws_cloudwatch_metric_alarm" "db_freeable_memory" {
 
 # --- The job queue (the app's own metrics) ------------------------------------------
 
-# The gauge arrives every stats_schedule run; when it stops arriving, the queue
-# is unwatched (schedule, function or database broken), which is an alarm too.
+# The gauge arrives with every scheduled sweep (schedule.tf); when it stops
+# arriving, the queue is unwatched (schedule, function or database broken),
+# which is an alarm too.
 resource "aws_cloudwatch_metric_alarm" "oldest_pending" {
   alarm_name          = "${var.name}-oldest-pending-job"
-  alarm_description   = "A job has waited more than ${var.oldest_pending_alarm_seconds} s for a worker, or the queue gauges stopped arriving. First check: are workers running and claiming (JobsClaimed)? Then the stats schedule's invocations."
+  alarm_description   = "A job has waited more than ${var.oldest_pending_alarm_seconds} s for a worker, or the queue gauges stopped arriving. First check: are workers running and claiming (JobsClaimed)? Then the sweep schedule's invocations."
   namespace           = var.metrics_namespace
   metric_name         = "OldestPendingAgeSeconds"
   statistic           = "Maximum"
@@ -231,70 +233,6 @@ resource "aws_cloudwatch_metric_alarm" "pending_jobs" {
   treat_missing_data  = "notBreaching"
   alarm_actions       = [local.alarm_topic_arn]
   ok_actions          = [local.alarm_topic_arn]
-}
-
-# --- The scheduled stats event ---------------------------------------------------------
-
-data "aws_iam_policy_document" "scheduler_assume_role" {
-  statement {
-    actions = ["sts:AssumeRole"]
-
-    principals {
-      type        = "Service"
-      identifiers = ["scheduler.amazonaws.com"]
-    }
-  }
-}
-
-resource "aws_iam_role" "scheduler" {
-  name               = "${var.name}-scheduler"
-  description        = "Lets EventBridge Scheduler invoke the ${var.name} Lambda with scheduled tasks"
-  assume_role_policy = data.aws_iam_policy_document.scheduler_assume_role.json
-}
-
-data "aws_iam_policy_document" "scheduler_invoke" {
-  statement {
-    actions = ["lambda:InvokeFunction"]
-    # Built from the name (as schedule.tf's): read from the function, the
-    # document would be re-planned whenever the function changes (SnapStart).
-    resources = [format(
-      "arn:%s:lambda:%s:%s:function:%s",
-      data.aws_partition.current.partition,
-      data.aws_region.current.name,
-      data.aws_caller_identity.current.account_id,
-      local.function_name,
-    )]
-  }
-}
-
-resource "aws_iam_role_policy" "scheduler_invoke" {
-  name   = "invoke-function"
-  role   = aws_iam_role.scheduler.id
-  policy = data.aws_iam_policy_document.scheduler_invoke.json
-}
-
-# lambda_handler routes {"task": "stats"} to the queue gauges (PendingJobs,
-# ProcessingJobs, OldestPendingAgeSeconds). A gauge missed is replaced by the
-# next one, so no retries.
-resource "aws_scheduler_schedule" "stats" {
-  #checkov:skip=CKV_AWS_297:The schedule's only payload is {"task": "stats"}; AWS-owned encryption suffices and a customer-managed key adds cost and a key policy
-  name                = "${var.name}-stats"
-  description         = "Publishes the job queue gauges"
-  schedule_expression = var.stats_schedule_expression
-
-  flexible_time_window {
-    mode = "OFF"
-  }
-
-  target {
-    arn      = aws_lambda_function.api.arn
-    role_arn = aws_iam_role.scheduler.arn
-    input    = jsonencode({ task = "stats" })
-
-    retry_policy {
-      maximum_retry_attempts = 0
-    }
-  }
 }
 
 # --- Tracing ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 # The sweep: EventBridge Scheduler invokes the API function with a non-HTTP
 # event that lambda_handler routes to the sweep (expired leases released or
-# failed, finished jobs past job_retention_days deleted). Claims sweep too, so
-# the schedule only matters when nobody claims for a while.
+# failed, finished jobs past job_retention_days deleted), then publishes the
+# queue gauges (PendingJobs, ProcessingJobs, OldestPendingAgeSeconds) the
+# alarms and dashboard in monitoring.tf read. Claims sweep too, but only this
+# schedule publishes the gauges. The one scheduler role of the deployment.
 
 data "aws_iam_policy_document" "sweep_scheduler_assume_role" {
   statement {
@@ -45,7 +47,7 @@ resource "aws_iam_role_policy" "sweep_invoke" {
 resource "aws_scheduler_schedule" "sweep" {
   #checkov:skip=CKV_AWS_297:The schedule holds no data but the constant input {"task":"sweep"}; a customer-managed key adds cost and key administration for nothing
   name        = "${var.name}-sweep"
-  description = "Sweep expired job leases and finished jobs past retention"
+  description = "Sweep expired job leases and finished jobs past retention; publish the queue gauges"
 
   schedule_expression = var.sweep_schedule
 
@@ -60,7 +62,7 @@ resource "aws_scheduler_schedule" "sweep" {
     input = jsonencode({ task = "sweep" })
 
     retry_policy {
-      # A missed sweep is made up by the next one a minute later.
+      # A missed sweep (and its gauges) is made up by the next one.
       maximum_retry_attempts       = 0
       maximum_event_age_in_seconds = 60
     }

@@ -261,7 +261,7 @@ variable "cors_allow_origins" {
 
 variable "sweep_schedule" {
   type        = string
-  description = "How often EventBridge Scheduler runs the sweep (expired leases, retention): a rate() or cron() expression."
+  description = "How often EventBridge Scheduler runs the sweep (expired leases, retention), which also publishes the queue gauges: a rate() or cron() expression. Slower than every 5 minutes leaves gaps the oldest-pending alarm treats as breaching."
   default     = "rate(1 minute)"
 
   validation {
@@ -362,17 +362,6 @@ variable "enable_tracing" {
   type        = bool
   description = "X-Ray active tracing of the function (and the IAM permission for it). Billed per trace recorded beyond the free tier; see the README."
   default     = false
-}
-
-variable "stats_schedule_expression" {
-  type        = string
-  description = "How often EventBridge Scheduler sends the stats task that publishes PendingJobs, ProcessingJobs and OldestPendingAgeSeconds."
-  default     = "rate(1 minute)"
-
-  validation {
-    condition     = can(regex("^rate\\(([1-9][0-9]*) (minute|minutes|hour|hours)\\)$", var.stats_schedule_expression))
-    error_message = "stats_schedule_expression must be a rate such as rate(1 minute) or rate(5 minutes)."
-  }
 }
 
 variable "alarm_lambda_errors_threshold" {

@@ -495,8 +495,9 @@ def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]
 
 
 def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -> None:
-    """Alarms on the topic, the e-mail subscription, the dashboard and the
-    stats schedule, as the emulator holds them."""
+    """Alarms on the topic, the e-mail subscription, the dashboard and the one
+    schedule (the sweep's, which publishes the gauges), as the emulator holds
+    them."""
     topic = deployed["aws_sns_topic.alarms[0]"]["arn"]
     cloudwatch = emulator_client(endpoint, "cloudwatch")
     alarms = {
@@ -564,11 +565,19 @@ def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -
     (cold_starts,) = [w for w in widgets if w["type"] == "log"]
     assert "@initDuration" in cold_starts["properties"]["query"]
 
-    schedule = emulator_client(endpoint, "scheduler").get_schedule(Name=f"{NAME}-stats")
-    assert schedule["ScheduleExpression"] == "rate(1 minute)"
-    assert schedule["Target"]["Arn"] == deployed["aws_lambda_function.api"]["arn"]
-    assert schedule["Target"]["RoleArn"] == deployed["aws_iam_role.scheduler"]["arn"]
-    assert json.loads(schedule["Target"]["Input"]) == {"task": "stats"}
+    # The gauges come with the sweep: its schedule is the only one, and its
+    # role the only one EventBridge Scheduler may assume.
+    scheduler = emulator_client(endpoint, "scheduler")
+    schedules = scheduler.list_schedules()["Schedules"]
+    assert [s["Name"] for s in schedules if s["Name"].startswith(NAME)] == [
+        f"{NAME}-sweep"
+    ]
+    assert [
+        address
+        for address, resource in deployed.items()
+        if address.startswith("aws_iam_role.")
+        and "scheduler.amazonaws.com" in resource["assume_role_policy"]
+    ] == ["aws_iam_role.sweep_scheduler"]
 
 
 def monitoring_leftovers(endpoint: str) -> dict[str, list]:

@@ -14,6 +14,7 @@ BODY_ROUTES = [
     ("post", "/extraction-jobs", {"document_id": "invoice-0042.pdf"}),
     ("post", "/extraction-jobs/claim", {"worker_id": "ocr-worker-7"}),
     ("patch", "/extraction-jobs/{id}", {"status": "processing"}),
+    ("post", "/extraction-jobs/{id}/heartbeat", {"worker_id": "ocr-worker-7"}),
 ]
 
 

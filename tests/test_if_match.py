@@ -51,7 +51,9 @@ def job_at_version_3(client) -> str:
         (['"\u00c2\u00b2"'], set()),  # "²" in UTF-8, as Latin-1 decoding sees it
         (['"\u00b2"'], set()),  # the Unicode digit itself (obs-text)
         (['"\u0663"'], set()),  # ARABIC-INDIC DIGIT THREE: isdigit(), not ours
-        (['"' + "9" * 19 + '"'], {int("9" * 19)}),
+        (['"' + "9" * 19 + '"'], set()),  # beyond BIGINT: never a version
+        (['"9223372036854775807"'], {2**63 - 1}),
+        (['"9223372036854775808"'], set()),
         (['"' + "9" * 20 + '"'], set()),
         (['"' + "7" * 5000 + '"'], set()),
         (['"3", W/"4", "x"'], {3}),
@@ -121,9 +123,11 @@ def test_unquoted_version_is_422_showing_the_quoted_form(client):
         b'"03"',
         b'W/"3"',
         b'"3,"',
+        b'"9223372036854775808"',
+        b'"' + b"9" * 19 + b'"',
     ],
     ids=["superscript-utf8", "superscript-latin1", "arabic-3", "5000-digits", "03"]
-    + ["weak", "comma-inside"],
+    + ["weak", "comma-inside", "2**63", "19-nines"],
 )
 def test_well_formed_tag_that_is_not_ours_is_412(client, value, caplog):
     url = job_at_version_3(client)

@@ -479,6 +479,22 @@ def test_retry_in_seconds_releases_a_processing_job_with_backoff(client, clock):
     assert retried["detail"]["retry_in_seconds"] == 30
 
 
+@pytest.mark.parametrize("error_message", [None, "not yet"])
+def test_retry_in_seconds_on_a_pending_job_is_409_and_changes_nothing(
+    client, error_message
+):
+    # Issue 11: retry_in_seconds applies "from processing or failed".
+    job = create(client)
+    url = f"/extraction-jobs/{job['id']}"
+    body = {"status": "pending", "retry_in_seconds": 60}
+    response = client.patch(url, json={**body, "error_message": error_message})
+    assert response.status_code == 409, response.text
+    assert "processing" in response.json()["detail"]
+    assert client.get(url).json() == job
+    assert kinds(client, job["id"]) == ["created"]
+    assert len(claim(client)) == 1
+
+
 def test_retry_in_seconds_retries_a_failed_job_later(client, clock):
     job = create(client)
     url = f"/extraction-jobs/{job['id']}"

@@ -393,10 +393,10 @@ def test_leases_expired_counter_hook_and_unknown_counters(
         observability.count("JobsLost")
 
 
-# --- the scheduled stats event ---------------------------------------------------
+# --- the scheduled sweep event publishes the queue gauges --------------------------
 
 
-def test_stats_event_publishes_the_queue_gauges(
+def test_sweep_event_publishes_the_queue_gauges_after_sweeping(
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
@@ -412,37 +412,67 @@ def test_stats_event_publishes_the_queue_gauges(
     ]
     client.patch(f"/extraction-jobs/{ids[3]}", json={"status": "completed"})
     client.patch(f"/extraction-jobs/{ids[2]}", json={"status": "processing"})
+    lapsed = client.post(
+        "/extraction-jobs", json={"document_id": "lapsed.pdf", "priority": 10}
+    ).json()["id"]
+    claimed = client.post("/extraction-jobs/claim", json={"worker_id": "dies"})
+    assert [job["id"] for job in claimed.json()] == [lapsed]
     hour_ago = datetime.now(UTC) - timedelta(hours=1)
     with database.get_engine(database.normalize_url(database_url)).begin() as conn:
         conn.execute(
             update(ExtractionJob)
-            .where(ExtractionJob.id == uuid.UUID(ids[1]))
+            .where(ExtractionJob.id == uuid.UUID(ids[0]))
             .values(created_at=hour_ago)
+        )
+        conn.execute(
+            update(ExtractionJob)
+            .where(ExtractionJob.id == uuid.UUID(lapsed))
+            .values(lease_expires_at=hour_ago)
         )
     capsys.readouterr()
 
-    result = lambda_handler.handler({"task": "stats"}, LambdaContext())
+    result = lambda_handler.handler(lambda_handler.SWEEP_EVENT, LambdaContext())
 
-    assert result == {"task": "stats", "pending": 2, "processing": 1}
+    assert result == {"leases_failed": 0, "leases_released": 1, "jobs_deleted": 0}
     captured = capsys.readouterr()
-    (line,) = log_lines(captured.err)
-    assert (line["pending_jobs"], line["processing_jobs"]) == (2, 1)
-    assert 3590 <= line["oldest_pending_age_seconds"] <= 3700
-    (record,) = emf_records(captured.out)
-    assert metric_values([record], "PendingJobs") == [2.0]
+    sweep, gauges = log_lines(captured.err)
+    assert (sweep["message"], gauges["message"]) == ("sweep", "job gauges")
+    # After the sweep: the lapsed lease is pending again.
+    assert (gauges["pending_jobs"], gauges["processing_jobs"]) == (3, 1)
+    assert 3590 <= gauges["oldest_pending_age_seconds"] <= 3700
+    records = emf_records(captured.out)
+    assert metric_values(records, "LeasesExpired") == [1.0]
+    (record,) = [r for r in records if "PendingJobs" in r]
+    assert metric_values([record], "PendingJobs") == [3.0]
     assert metric_values([record], "ProcessingJobs") == [1.0]
     age = metric_values([record], "OldestPendingAgeSeconds")
-    assert age == [line["oldest_pending_age_seconds"]]
+    assert age == [gauges["oldest_pending_age_seconds"]]
+    assert record["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "TestJobs"
     assert record["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [[]]
 
 
-def test_stats_on_an_empty_queue_are_zero(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+def test_sweep_gauges_on_an_empty_queue_are_zero(
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    metrics_on: None,
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setattr(lambda_handler, "app", create_app())
-    result = lambda_handler.handler({"task": "stats"}, LambdaContext())
-    assert result == {"task": "stats", "pending": 0, "processing": 0}
+    result = lambda_handler.handler(lambda_handler.SWEEP_EVENT, LambdaContext())
+    assert result == {"leases_failed": 0, "leases_released": 0, "jobs_deleted": 0}
+    (record,) = emf_records(capsys.readouterr().out)
+    assert [
+        metric_values([record], name)
+        for name in ("PendingJobs", "ProcessingJobs", "OldestPendingAgeSeconds")
+    ] == [[0.0], [0.0], [0.0]]
+
+
+def test_the_stats_task_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One schedule, the sweep's, publishes the gauges (terraform/schedule.tf)."""
+    assert set(lambda_handler.SCHEDULED_TASKS) == {"sweep"}
+    with pytest.raises(ValueError, match="'stats'"):
+        lambda_handler.handler({"task": "stats"}, LambdaContext())
 
 
 def test_an_unknown_task_is_refused_and_http_events_still_reach_the_app(

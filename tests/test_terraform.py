@@ -339,9 +339,8 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
     assert set(of_type(resources, "aws_iam_role_policy")) == {
         "aws_iam_role_policy.lambda_rds_connect",
         "aws_iam_role_policy.migration_read_master_secret",
-        # The sweep scheduler's (schedule.tf), not the function's.
+        # The one scheduler role's (schedule.tf), not the function's.
         "aws_iam_role_policy.sweep_invoke",
-        "aws_iam_role_policy.scheduler_invoke",  # the stats schedule's own role
     }
     assert "aws_iam_role.lambda" in references(
         plan, "aws_iam_role_policy.lambda_rds_connect", "role"
@@ -757,7 +756,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
     assert monitoring_leftovers(moto_endpoint) == {}
 
 
-# --- Monitoring: alarms, topic, dashboard, stats schedule, tracing ------------
+# --- Monitoring: alarms, topic, dashboard, the gauges' schedule, tracing ------
 
 GIB = 1024**3
 
@@ -820,24 +819,37 @@ def test_every_alarm_notifies_the_created_topic(plan: dict, resources: dict) -> 
             ]
 
 
-def test_stats_schedule_invokes_the_function_with_the_stats_task(
+def test_one_schedule_the_sweep_publishes_the_gauges_through_one_role(
     plan: dict, resources: dict
 ) -> None:
-    schedule = resources["aws_scheduler_schedule.stats"]
+    """The gauges the alarms read come with the sweep (lambda_handler's sweep
+    task): one schedule, one scheduler role and policy, no stats schedule."""
+    assert list(of_type(resources, "aws_scheduler_schedule")) == [
+        "aws_scheduler_schedule.sweep"
+    ]
+    schedule = resources["aws_scheduler_schedule.sweep"]
     assert schedule["schedule_expression"] == "rate(1 minute)"
     (target,) = schedule["target"]
-    assert json.loads(target["input"]) == {"task": "stats"}
+    assert json.loads(target["input"]) == {"task": "sweep"}
     assert target["retry_policy"][0]["maximum_retry_attempts"] == 0
     assert "aws_lambda_function.api.arn" in references(
-        plan, "aws_scheduler_schedule.stats", "target", 0, "arn"
+        plan, "aws_scheduler_schedule.sweep", "target", 0, "arn"
     )
-    assume = json.loads(resources["aws_iam_role.scheduler"]["assume_role_policy"])
-    assert [s["Principal"] for s in assume["Statement"]] == [
-        {"Service": "scheduler.amazonaws.com"}
+    assert "aws_iam_role.sweep_scheduler.arn" in references(
+        plan, "aws_scheduler_schedule.sweep", "target", 0, "role_arn"
+    )
+    scheduler_roles = [
+        address
+        for address, role in of_type(resources, "aws_iam_role").items()
+        if "scheduler.amazonaws.com" in role.get("assume_role_policy", "")
     ]
-    assert "data.aws_iam_policy_document.scheduler_invoke" in references(
-        plan, "aws_iam_role_policy.scheduler_invoke", "policy"
+    assert scheduler_roles == ["aws_iam_role.sweep_scheduler"]
+    assert "data.aws_iam_policy_document.sweep_invoke" in references(
+        plan, "aws_iam_role_policy.sweep_invoke", "policy"
     )
+    variables = plan["configuration"]["root_module"]["variables"]
+    assert "stats_schedule_expression" not in variables
+    assert "sweep_schedule" in variables
 
 
 def test_function_environment_and_tracing_default(plan: dict, resources: dict) -> None:
@@ -884,7 +896,6 @@ def test_bad_monitoring_values_are_refused(planner: Terraform) -> None:
         "metrics_namespace": "AWS/Lambda",
         "alarm_email": "not-an-address",
         "alarm_topic_arn": "oncall",
-        "stats_schedule_expression": "cron(* * * * ? *)",
         "alarm_duration_p99_percent_of_timeout": "100",
         "alarm_db_free_storage_percent": "0",
         "oldest_pending_alarm_seconds": "10",

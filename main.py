@@ -6,7 +6,6 @@ import functools
 import importlib.util
 import json
 import re
-import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,30 +71,6 @@ from service import (
     VersionMismatch,
 )
 from settings import ConfigError, exit_on_config_error, load_settings
-
-
-def _skip_pydantic_v1_checks_until_it_is_loaded() -> None:
-    """FastAPI asks of every route's annotations whether they are pydantic.v1
-    models, importing pydantic.v1 to ask (~11 ms of a cold start). Nothing
-    can be a v1 model before pydantic.v1 is imported, so until then the
-    answer is no without the import; afterwards FastAPI's own check runs."""
-    from fastapi._compat import shared
-
-    checks = ("is_pydantic_v1_model_class", "is_pydantic_v1_model_instance")
-    if not all(callable(getattr(shared, name, None)) for name in checks):
-        return  # another FastAPI version: leave it alone
-
-    def lazy(check):
-        def wrapper(value) -> bool:
-            return "pydantic.v1" in sys.modules and check(value)
-
-        return wrapper
-
-    for name in checks:
-        setattr(shared, name, lazy(getattr(shared, name)))
-
-
-_skip_pydantic_v1_checks_until_it_is_loaded()
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_OFFSET = 2**63 - 1  # the largest OFFSET both databases accept

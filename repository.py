@@ -301,6 +301,19 @@ def _expiry_detail(attempts: Any, max_attempts: Any, lease: Any) -> dict[str, An
     }
 
 
+def _lease_expired(row: Any, to_status: JobStatus) -> NewEvent:
+    """The event of a lapsed lease read on SQLite: the job failed for good or
+    went back to pending."""
+    return NewEvent(
+        EventType.LEASE_EXPIRED,
+        JobStatus.PROCESSING,
+        to_status,
+        None,
+        row.worker_id,
+        _expiry_detail(row.attempts, row.max_attempts, iso(row.lease_expires_at)),
+    )
+
+
 def _pg_utc_text(column: Any) -> Any:
     """A timestamptz as the API writes it: 2026-01-01T00:00:00.000000+00:00."""
     return func.to_char(
@@ -1029,16 +1042,7 @@ class ExtractionJobRepository:
             connection.execute(
                 insert(EVENTS),
                 [
-                    NewEvent(
-                        EventType.LEASE_EXPIRED,
-                        JobStatus.PROCESSING,
-                        JobStatus.FAILED,
-                        None,
-                        row.worker_id,
-                        _expiry_detail(
-                            row.attempts, row.max_attempts, iso(row.lease_expires_at)
-                        ),
-                    ).values(row.id, now)
+                    _lease_expired(row, JobStatus.FAILED).values(row.id, now)
                     for row in rows
                 ],
             )
@@ -1077,16 +1081,7 @@ class ExtractionJobRepository:
             job = by_seq[row.seq]
             if row.status == PROCESSING:
                 events.append(
-                    NewEvent(
-                        EventType.LEASE_EXPIRED,
-                        JobStatus.PROCESSING,
-                        JobStatus.PENDING,
-                        None,
-                        row.worker_id,
-                        _expiry_detail(
-                            row.attempts, row.max_attempts, iso(row.lease_expires_at)
-                        ),
-                    ).values(job["id"], now)
+                    _lease_expired(row, JobStatus.PENDING).values(job["id"], now)
                 )
             events.append(
                 NewEvent(
@@ -1124,16 +1119,7 @@ class ExtractionJobRepository:
         connection.execute(
             insert(EVENTS),
             [
-                NewEvent(
-                    EventType.LEASE_EXPIRED,
-                    JobStatus.PROCESSING,
-                    JobStatus.PENDING,
-                    None,
-                    row.worker_id,
-                    _expiry_detail(
-                        row.attempts, row.max_attempts, iso(row.lease_expires_at)
-                    ),
-                ).values(row.id, now)
+                _lease_expired(row, JobStatus.PENDING).values(row.id, now)
                 for row in rows
             ],
         )

@@ -8,10 +8,12 @@ talk to a deployed API over the network instead.
 
 import os
 import sys
+import threading
 import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -150,3 +152,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         else:
             line = f"{count} skipped: {reason}"
         terminalreporter.write_line(line, yellow=True)
+
+
+class Clock:
+    """Now, plus however far the test has moved it: leases expire and\n    `run_at` comes due without sleeping (set it as the service's clock)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+        self.lock = threading.Lock()
+
+    def __call__(self) -> datetime:
+        with self.lock:
+            return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        with self.lock:
+            self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()

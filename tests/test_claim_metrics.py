@@ -6,37 +6,15 @@ metrics on as METRICS_ENABLED=1 turns them on; on both databases.
 """
 
 import json
-import threading
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conftest import Clock
 from fastapi.testclient import TestClient
 
 import observability
 import settings
 from main import create_app, run_sweep
-
-
-class Clock:
-    """Now, plus however far the test has moved it."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-        self.lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self.lock:
-            return datetime.now(UTC) + self.offset
-
-    def advance(self, seconds: float) -> None:
-        with self.lock:
-            self.offset += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from conftest import backend_url
@@ -20,27 +20,6 @@ import database
 import lambda_handler
 from main import create_app
 from repository import CREATE_LOCK_ID
-
-
-class Clock:
-    """Now, plus however far the test has moved it."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-        self.lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self.lock:
-            return datetime.now(UTC) + self.offset
-
-    def advance(self, seconds: float) -> None:
-        with self.lock:
-            self.offset += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -36,7 +36,6 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 
 import settings
@@ -273,15 +272,13 @@ class _Database:
             self.writer_engine = self.engine.execution_options(sqlite_immediate=True)
         else:
             # The pool's connections are in autocommit: request paths use them
-            # as they are. `engine` (tools, the ORM, migrations) opens ordinary
+            # as they are. `engine` (schema check, tools, tests) opens ordinary
             # transactions; switching a connection there and back costs a
             # `SET` round trip each way, which no request path pays.
             self.pooled = self.autocommit_engine = _postgres_engine(url)
             self.engine = self.writer_engine = self.pooled.execution_options(
                 isolation_level="READ COMMITTED"
             )
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self.writer_sessions = sessionmaker(self.writer_engine, expire_on_commit=False)
         self.schema_ready = False
         self.out_of_date: SchemaOutOfDate | None = None
         self.checked_at = 0.0
@@ -427,17 +424,6 @@ def transaction(url: str) -> Iterator[Connection]:
                     connection.invalidate()  # never pool a connection mid-transaction
                 raise
             connection.exec_driver_sql("COMMIT")
-
-
-@contextmanager
-def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
-    """One short ORM transaction: commit on success, roll back on any error."""
-    database = _database(url)
-    with _unavailable_as_domain_error():
-        database.ensure_schema()
-        factory = database.writer_sessions if write else database.sessions
-        with factory() as session, session.begin():
-            yield session
 
 
 def ping(url: str) -> None:

@@ -16,12 +16,15 @@ turns into metrics: no API call, no network. Logs go to stderr, so stdout
 carries nothing but metrics.
 """
 
+import json
 import logging
+import os
 import sys
 import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
@@ -71,6 +74,36 @@ logger = Logger(
     use_rfc3339=True,
 )
 logger.remove_keys(["location", "sampling_rate"])
+
+
+def _write_request_line(fields: dict) -> None:
+    """The per-request line, written straight to stderr in exactly the shape
+    the logger's formatter gives (level, message, timestamp, service, the
+    fields, then the X-Ray trace id in Lambda) and at the logger's level.
+
+    Not through `logger.info`: the logging machinery (caller lookup, record,
+    Powertools' key extraction) made up about 15 % of the CPU time of a GET by
+    id, for a line whose shape never changes.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "level": "INFO",
+        "message": "request",
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "service": SERVICE,
+        **fields,
+    }
+    trace = os.environ.get("_X_AMZN_TRACE_ID")
+    if trace:
+        line["xray_trace_id"] = trace.split(";")[0].replace("Root=", "")
+    sys.stderr.write(_to_json(line) + "\n")
+
+
+# The formatter's own serializer settings: compact, UTF-8 kept, str() for the rest.
+_to_json = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, default=str
+).encode
 
 
 # --- Per request -------------------------------------------------------------
@@ -192,9 +225,8 @@ class RequestObserver:
             "azp": record.azp,
             "job_ids": job_ids,
         }
-        logger.info(
-            "request",
-            extra={k: v for k, v in fields.items() if v is not None and v != []},
+        _write_request_line(
+            {k: v for k, v in fields.items() if v is not None and v != []}
         )
         if settings.metrics_enabled:
             metrics = _emf()

@@ -110,6 +110,43 @@ def test_claim_logs_every_claimed_job_id(
     assert set(line["job_ids"]) == ids == {job["id"] for job in claimed.json()}
 
 
+def test_the_request_line_is_the_line_the_powertools_formatter_writes(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request line skips the logging machinery for speed; it must still
+    be, key for key and in order, what `logger.info` would have written."""
+    monkeypatch.setenv(
+        "_X_AMZN_TRACE_ID", "Root=1-6747a1b2-abc;Parent=53995c3f;Sampled=1"
+    )
+    fields = {
+        "request_id": "r-1",
+        "cold_start": False,
+        "method": "GET",
+        "route": JOB_ROUTE,
+        "status": 200,
+        "latency_ms": 1.25,
+        "sub": "auth0|caf\u00e9",
+        "job_ids": [str(uuid.uuid4())],
+    }
+    observability.logger.info("request", extra=fields)
+    observability._write_request_line(fields)
+    via_logger, direct = capsys.readouterr().err.splitlines()
+    expected, got = json.loads(via_logger), json.loads(direct)
+    assert list(got) == list(expected)
+    assert got["xray_trace_id"] == "1-6747a1b2-abc"
+    for line in (expected, got):
+        del line["timestamp"]
+    assert got == expected
+    assert len(direct) == len(via_logger)  # same separators, UTF-8 kept
+
+    observability.logger.setLevel("WARNING")
+    try:
+        observability._write_request_line(fields)
+        assert capsys.readouterr().err == ""
+    finally:
+        observability.logger.setLevel(observability.settings.log_level)
+
+
 def test_x_request_id_is_the_clients_when_sane_else_generated(
     client: TestClient,
 ) -> None:

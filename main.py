@@ -40,8 +40,8 @@ from auth import (
     READ_SCOPE,
     WRITE_SCOPE,
     Principal,
+    RequireScope,
     authenticator_for,
-    require_scope,
 )
 from database import DatabaseUnavailable, SchemaOutOfDate
 from models import (
@@ -177,14 +177,14 @@ def get_service(request: Request) -> JobService:
 Reader = Annotated[
     Principal,
     Security(
-        require_scope(READ_SCOPE, on_admit=observability.note_caller),
+        RequireScope(READ_SCOPE, on_admit=observability.note_caller),
         scopes=[READ_SCOPE],
     ),
 ]
 Writer = Annotated[
     Principal,
     Security(
-        require_scope(WRITE_SCOPE, on_admit=observability.note_caller),
+        RequireScope(WRITE_SCOPE, on_admit=observability.note_caller),
         scopes=[WRITE_SCOPE],
     ),
 ]

@@ -18,7 +18,6 @@ carries nothing but metrics.
 
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -94,9 +93,11 @@ def _write_request_line(fields: dict) -> None:
         "service": SERVICE,
         **fields,
     }
-    trace = os.environ.get("_X_AMZN_TRACE_ID")
-    if trace:
-        line["xray_trace_id"] = trace.split(";")[0].replace("Root=", "")
+    # The formatter's own lookup (the runtime sets it per invocation), so the
+    # trace id reads exactly as on the logger's other lines.
+    trace_id = logger.registered_formatter._get_latest_trace_id()
+    if trace_id:
+        line["xray_trace_id"] = trace_id
     sys.stderr.write(_to_json(line) + "\n")
 
 

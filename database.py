@@ -303,6 +303,17 @@ def _shape(sql: str, compiled: Any, dialect: Any) -> _Shape | None:
     return shape
 
 
+def prepared_queries(compiled: Any, values: dict[str, Any]) -> tuple[str, str]:
+    """What a connection sends for a `prepared()` statement compiled for
+    psycopg2, with these DBAPI values: the first time, and every time after
+    (for benchmarks that must send what the app sends)."""
+    shape = _shape(compiled.string, compiled, compiled.dialect)
+    if shape is None:
+        raise ValueError("this statement cannot run prepared")
+    statement = shape.prepare(values)
+    return statement.prepare_and_execute, statement.execute
+
+
 def _run_prepared(engine: Engine) -> None:
     """Run statements marked `prepared()` as prepared statements."""
     from psycopg2.errors import InvalidSqlStatementName

@@ -516,6 +516,18 @@ def _claim_params(
     }
 
 
+def claim_query(
+    worker_id: str,
+    limit: int,
+    now: datetime,
+    lease_until: datetime,
+    actor: str | None,
+) -> tuple[Select, dict[str, Any]]:
+    """The claim statement and its parameters, as the repository runs them
+    (for benchmarks that send what the app sends)."""
+    return _claim(), _claim_params(worker_id, limit, now, lease_until, actor)
+
+
 def claim_statement(
     worker_id: str,
     limit: int,
@@ -524,7 +536,8 @@ def claim_statement(
     actor: str | None,
 ) -> Select:
     """The claim statement with its values bound (for EXPLAIN and benchmarks)."""
-    return _claim().params(**_claim_params(worker_id, limit, now, lease_until, actor))
+    statement, params = claim_query(worker_id, limit, now, lease_until, actor)
+    return statement.params(**params)
 
 
 @cache

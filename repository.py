@@ -19,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Connection,
     Executable,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Text,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -623,7 +625,13 @@ def _transition(
         if with_retry
         else or_(JOBS.c.status.in_(allowed), same_status),
     ]
-    if with_versions:
+    if with_versions and postgres:
+        # One array, however many tags If-Match named: the same statement
+        # every time, so it can be prepared (BIGINT: a tag beyond INTEGER
+        # matches nothing, as with IN).
+        versions = bindparam("versions", type_=ARRAY(BigInteger))
+        condition.append(JOBS.c.version == any_(versions))
+    elif with_versions:
         condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))
     if with_worker:
         condition.append(or_(JOBS.c.status != PROCESSING, JOBS.c.worker_id == worker))

@@ -316,7 +316,7 @@ def prepared_queries(compiled: Any, values: dict[str, Any]) -> tuple[str, str]:
 
 def _run_prepared(engine: Engine) -> None:
     """Run statements marked `prepared()` as prepared statements."""
-    from psycopg2.errors import InvalidSqlStatementName
+    from psycopg2.errors import FeatureNotSupported, InvalidSqlStatementName
     from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 
     @event.listens_for(engine, "do_execute")
@@ -335,16 +335,20 @@ def _run_prepared(engine: Engine) -> None:
             return None
         statement = shape.prepare(parameters)
         names = context.root_connection.info.setdefault(_PREPARED_NAMES, set())
+        query = statement.prepare_and_execute
         if statement.name in names:
             try:
                 cursor.execute(statement.execute, parameters)
                 return True
             except InvalidSqlStatementName:
-                # Gone from the server (a DISCARD ALL), or its PREPARE failed.
-                names.discard(statement.name)
+                pass  # gone from the server (DISCARD ALL), or its PREPARE failed
+            except FeatureNotSupported:
+                # "cached plan must not change result type": a migration
+                # changed the type of a column it returns. Prepared anew:
+                query = f"DEALLOCATE {statement.name}; {query}"
         # Marked first: when the EXECUTE fails, the PREPARE still holds.
         names.add(statement.name)
-        cursor.execute(statement.prepare_and_execute, parameters)
+        cursor.execute(query, parameters)
         return True
 
 

@@ -16,6 +16,8 @@ connection is checked with `SELECT 1` only after it sat idle for longer than
 `DB_PING_AFTER_IDLE_S` (Lambda freezes environments between invocations, and
 a SnapStart restore brings back sockets that are long dead); a connection
 found dead mid-statement is replaced and the statement run once more.
+The hot statements run as server-side prepared statements, prepared in the
+round trip of their first use on each connection (see `prepared()`).
 """
 
 import hashlib
@@ -222,6 +224,9 @@ def prepared(statement: E) -> E:
 
     For statements built once (the repository's cached ones): each distinct
     statement is prepared once on every connection and kept for its life.
+    Never for a statement that carries a per-call value other than as a named
+    `bindparam` (`JOBS.c.id == job_id`): that value would be fixed, and each
+    call prepare a statement of its own.
     """
     return statement.execution_options(**{PREPARED: True})
 

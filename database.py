@@ -16,18 +16,33 @@ connection is checked with `SELECT 1` only after it sat idle for longer than
 `DB_PING_AFTER_IDLE_S` (Lambda freezes environments between invocations, and
 a SnapStart restore brings back sockets that are long dead); a connection
 found dead mid-statement is replaced and the statement run once more.
+The hot statements run as server-side prepared statements, prepared in the
+round trip of their first use on each connection (see `prepared()`).
 """
 
+import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -43,6 +58,7 @@ from db_models import SCHEMA_REVISIONS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+E = TypeVar("E", bound=Executable)
 
 SQLITE_BUSY_TIMEOUT_S = 15
 # Where a pool keeps, per connection, when it was last returned.
@@ -135,11 +151,13 @@ def _postgres_engine(url: str) -> Engine:
         pool_timeout=config.db_pool_timeout,
         connect_args={
             "connect_timeout": config.db_connect_timeout,
-            "options": f"-c statement_timeout={config.db_statement_timeout_ms}",
+            "options": f"-c statement_timeout={config.db_statement_timeout_ms} "
+            + GENERIC_PLANS,
             "application_name": "extraction-jobs",
         },
     )
     _ping_after_idle(engine, config.db_ping_after_idle_s)
+    _run_prepared(engine)
     if config.db_iam_auth:
         use_iam_auth(engine, config.aws_region)
     return engine
@@ -169,6 +187,174 @@ def use_iam_auth(engine: Engine, region: str | None = None) -> None:
             DBUsername=cparams["user"],
             Region=region,
         )
+
+
+# --- Prepared statements (PostgreSQL) ------------------------------------------
+
+# The execution option that marks a statement to run prepared (see prepared()).
+PREPARED = "prepared"
+# Where a connection's pool entry keeps the names it has prepared: the pool
+# clears it whenever the DBAPI connection is replaced (a dead one after an
+# outage, a failover or a SnapStart restore), so a new one prepares anew.
+_PREPARED_NAMES = "prepared_names"
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+# Prepared statements always run their generic plan. Left to choose,
+# PostgreSQL keeps planning the claim anew: with `LIMIT $n` it estimates a
+# tenth of the queue, so the generic plan's cost looks far higher than a
+# custom plan's, though the plan is the same (the partial index, in order).
+# Every prepared statement here has one best plan whatever its parameters
+# (an index on what it filters by, in the order it reads); the setting
+# touches nothing else (psycopg2 prepares nothing, the schema has no
+# functions).
+GENERIC_PLANS = "-c plan_cache_mode=force_generic_plan"
+
+
+def prepared(statement: E) -> E:
+    """`statement`, run on PostgreSQL as a server-side prepared statement.
+
+    psycopg2 sends every statement as plain text, and PostgreSQL plans it
+    anew each time: for the claim, planning costs more than running it. A
+    prepared statement is planned once per connection and its generic plan
+    reused. It costs no round trip: the first use on a connection sends
+    `PREPARE name AS ...; EXECUTE name(...)` as one query, later ones
+    `EXECUTE name(...)`. Only the statement's own parameters (its named
+    `bindparam`s) become `$n`; every value fixed in the statement (statuses,
+    `LIMIT 100`, `version + 1`) is written into the prepared SQL, so the
+    generic plan still sees `status = 'pending'` and uses the partial indexes.
+
+    For statements built once (the repository's cached ones): each distinct
+    statement is prepared once on every connection and kept for its life.
+    Never for a statement that carries a per-call value other than as a named
+    `bindparam` (`JOBS.c.id == job_id`): that value would be fixed, and each
+    call prepare a statement of its own.
+    """
+    return statement.execution_options(**{PREPARED: True})
+
+
+def _parameter_type(type_: Any, dialect: Any) -> str:
+    """A `$n`'s declared type: the statement's own, so that no parameter's
+    type is left to guess (`jsonb_build_object('k', $1)` needs one). Strings
+    are `text`: a value compared with a VARCHAR(255) column is not cut to it."""
+    if isinstance(type_, TypeDecorator):
+        type_ = type_.load_dialect_impl(dialect)
+    if isinstance(type_, String):
+        return "text"
+    if type_._isnull:
+        return "unknown"
+    return dialect.type_compiler_instance.process(type_)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A statement's SQL split into its parameters (`$n`, in order, typed)
+    and its fixed values (left as placeholders, filled in by psycopg2)."""
+
+    body: str
+    parameters: tuple[str, ...]
+    types: tuple[str, ...]
+    fixed: tuple[str, ...]
+
+    def prepare(self, values: dict[str, Any]) -> "_Statement":
+        key = (self.body, *(values[name] for name in self.fixed))
+        statement = _statements.get(key)
+        if statement is None:
+            name = "ej_" + hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+            arguments = ", ".join(f"%({key})s" for key in self.parameters)
+            execute = f"EXECUTE {name}({arguments})" if arguments else f"EXECUTE {name}"
+            types = f" ({', '.join(self.types)})" if self.types else ""
+            statement = _statements[key] = _Statement(
+                name, f"PREPARE {name}{types} AS {self.body}; {execute}", execute
+            )
+        return statement
+
+
+@dataclass(frozen=True)
+class _Statement:
+    name: str
+    prepare_and_execute: str
+    execute: str
+
+
+_shapes: dict[str, _Shape | None] = {}
+_statements: dict[tuple, _Statement] = {}
+
+
+def _shape(sql: str, compiled: Any, dialect: Any) -> _Shape | None:
+    """`sql` as a prepared statement, or None if it cannot be one: a
+    parameter with a varying number of values (`IN` of a caller's list)."""
+    if sql in _shapes:
+        return _shapes[sql]
+    binds = {name: bind for bind, name in compiled.bind_names.items()}
+    required = {name for name, bind in binds.items() if bind.required}
+    parameters: list[str] = []
+    fixed: list[str] = []
+
+    def placeholder(match: re.Match) -> str:
+        name = match[1]
+        if name is None or name not in required:
+            if name is not None and name not in fixed:
+                fixed.append(name)
+            return match[0]
+        if name not in parameters:
+            parameters.append(name)
+        return f"${parameters.index(name) + 1}"
+
+    body = _PLACEHOLDER.sub(placeholder, sql)
+    shape = None
+    if set(parameters) == required and not compiled.escaped_bind_names:
+        types = tuple(_parameter_type(binds[name].type, dialect) for name in parameters)
+        shape = _Shape(body, tuple(parameters), types, tuple(fixed))
+    _shapes[sql] = shape
+    return shape
+
+
+def prepared_queries(compiled: Any, values: dict[str, Any]) -> tuple[str, str]:
+    """What a connection sends for a `prepared()` statement compiled for
+    psycopg2, with these DBAPI values: the first time, and every time after
+    (for benchmarks that must send what the app sends)."""
+    shape = _shape(compiled.string, compiled, compiled.dialect)
+    if shape is None:
+        raise ValueError("this statement cannot run prepared")
+    statement = shape.prepare(values)
+    return statement.prepare_and_execute, statement.execute
+
+
+def _run_prepared(engine: Engine) -> None:
+    """Run statements marked `prepared()` as prepared statements."""
+    from psycopg2.errors import FeatureNotSupported, InvalidSqlStatementName
+    from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+    @event.listens_for(engine, "do_execute")
+    def _execute(cursor, sql, parameters, context):
+        dbapi_connection = cursor.connection
+        if not (
+            context.execution_options.get(PREPARED)
+            # In autocommit and between transactions: a statement found
+            # missing can then be prepared again (below).
+            and dbapi_connection.autocommit
+            and dbapi_connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
+        ):
+            return None
+        shape = _shape(sql, context.compiled, context.dialect)
+        if shape is None:
+            return None
+        statement = shape.prepare(parameters)
+        names = context.root_connection.info.setdefault(_PREPARED_NAMES, set())
+        query = statement.prepare_and_execute
+        if statement.name in names:
+            try:
+                cursor.execute(statement.execute, parameters)
+                return True
+            except InvalidSqlStatementName:
+                pass  # gone from the server (DISCARD ALL), or its PREPARE failed
+            except FeatureNotSupported:
+                # "cached plan must not change result type": a migration
+                # changed the type of a column it returns. Prepared anew:
+                query = f"DEALLOCATE {statement.name}; {query}"
+        # Marked first: when the EXECUTE fails, the PREPARE still holds.
+        names.add(statement.name)
+        cursor.execute(query, parameters)
+        return True
 
 
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DATETIME on SQLite

@@ -19,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Connection,
     Executable,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Text,
     Update,
     and_,
+    any_,
     bindparam,
     case,
     cast,
@@ -47,7 +49,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-from database import database_url_from_env, ping, run, transaction
+from database import database_url_from_env, ping, prepared, run, transaction
 from db_models import (
     CursorKey,
     ExtractionJob,
@@ -150,26 +152,31 @@ def _strictly_after_sqlite(element, compiler, **kw):
 
 @cache
 def _by_id() -> Select:
-    return select(JOBS).where(JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+    return prepared(
+        select(JOBS).where(JOBS.c.id == bindparam("job_id", type_=JOBS.c.id.type))
+    )
 
 
 @cache
 def _by_idempotency_key() -> Select:
-    return select(JOBS).where(
-        func.coalesce(JOBS.c.created_by, "") == bindparam("created_by", type_=String),
-        JOBS.c.idempotency_key == bindparam("key", type_=String),
+    return prepared(
+        select(JOBS).where(
+            func.coalesce(JOBS.c.created_by, "")
+            == bindparam("created_by", type_=String),
+            JOBS.c.idempotency_key == bindparam("key", type_=String),
+        )
     )
 
 
 @cache
 def _insert() -> Insert:
     # inline(): no `RETURNING seq`; nothing reads the new row's key.
-    return insert(JOBS).inline()
+    return prepared(insert(JOBS).inline())
 
 
 @cache
 def _cursor_key() -> Select:
-    return select(CursorKey.key).order_by(CursorKey.id).limit(1)
+    return prepared(select(CursorKey.key).order_by(CursorKey.id).limit(1))
 
 
 @cache
@@ -190,7 +197,10 @@ def _list(by_document: bool, by_status: bool, after: bool, with_key: bool) -> Se
         # The cursor key rides along the first page a process serves, so
         # loading it costs no round trip of its own.
         query = query.add_columns(_cursor_key().scalar_subquery().label("cursor_key"))
-    return query
+    # Planned per call when filtered by status: statuses are skewed (a long
+    # pending queue, a few failed jobs), and only a plan that sees which one
+    # is asked for reads the status index rather than every job in `seq` order.
+    return query if by_status else prepared(query)
 
 
 def _list_params(
@@ -483,13 +493,15 @@ def _claim_pg(
 @cache
 def _claim() -> Select:
     """The claim statement, built once and run with bound parameters."""
-    return _claim_pg(
-        bindparam("claimer", type_=String),
-        bindparam("limit", type_=Integer),
-        bindparam("moment", type_=UTCDateTime()),
-        bindparam("lease_until", type_=UTCDateTime()),
-        bindparam("lease_text", type_=String),
-        bindparam("actor", type_=String),
+    return prepared(
+        _claim_pg(
+            bindparam("claimer", type_=String),
+            bindparam("limit", type_=Integer),
+            bindparam("moment", type_=UTCDateTime()),
+            bindparam("lease_until", type_=UTCDateTime()),
+            bindparam("lease_text", type_=String),
+            bindparam("actor", type_=String),
+        )
     )
 
 
@@ -506,6 +518,18 @@ def _claim_params(
     }
 
 
+def claim_query(
+    worker_id: str,
+    limit: int,
+    now: datetime,
+    lease_until: datetime,
+    actor: str | None,
+) -> tuple[Select, dict[str, Any]]:
+    """The claim statement and its parameters, as the repository runs them
+    (for benchmarks that send what the app sends)."""
+    return _claim(), _claim_params(worker_id, limit, now, lease_until, actor)
+
+
 def claim_statement(
     worker_id: str,
     limit: int,
@@ -514,7 +538,8 @@ def claim_statement(
     actor: str | None,
 ) -> Select:
     """The claim statement with its values bound (for EXPLAIN and benchmarks)."""
-    return _claim().params(**_claim_params(worker_id, limit, now, lease_until, actor))
+    statement, params = claim_query(worker_id, limit, now, lease_until, actor)
+    return statement.params(**params)
 
 
 @cache
@@ -600,14 +625,22 @@ def _transition(
         if with_retry
         else or_(JOBS.c.status.in_(allowed), same_status),
     ]
-    if with_versions:
+    if with_versions and postgres:
+        # One array, however many tags If-Match named: the same statement
+        # every time, so it can be prepared (BIGINT: a tag beyond INTEGER
+        # matches nothing, as with IN).
+        versions = bindparam("versions", type_=ARRAY(BigInteger))
+        condition.append(JOBS.c.version == any_(versions))
+    elif with_versions:
         condition.append(JOBS.c.version.in_(bindparam("versions", expanding=True)))
     if with_worker:
         condition.append(or_(JOBS.c.status != PROCESSING, JOBS.c.worker_id == worker))
     if not postgres:
         # SQLite's RETURNING cannot name the FROM subquery; its caller reads
         # the old status first, under the same write lock.
-        return update(JOBS).where(*condition).values(values).returning(*JOBS.c)
+        return prepared(
+            update(JOBS).where(*condition).values(values).returning(*JOBS.c)
+        )
     statement = (
         update(JOBS)
         .where(*condition)
@@ -641,7 +674,7 @@ def _transition(
         .returning(EVENTS.c.seq)
         .cte("events")
     )
-    return select(changed).add_cte(events)
+    return prepared(select(changed).add_cte(events))
 
 
 def _transition_event(
@@ -687,18 +720,20 @@ def _add_with_event() -> Insert:
         .returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.created_by)
         .cte("new_job")
     )
-    return insert(EVENTS).from_select(
-        EVENT_COLUMNS,
-        select(
-            new_job.c.id,
-            new_job.c.created_at,
-            literal(EventType.CREATED.value),
-            null(),
-            literal(PENDING),
-            new_job.c.created_by,
-            null(),
-            bindparam("detail", type_=JSONDocument()),
-        ),
+    return prepared(
+        insert(EVENTS).from_select(
+            EVENT_COLUMNS,
+            select(
+                new_job.c.id,
+                new_job.c.created_at,
+                literal(EventType.CREATED.value),
+                null(),
+                literal(PENDING),
+                new_job.c.created_by,
+                null(),
+                bindparam("detail", type_=JSONDocument()),
+            ),
+        )
     )
 
 
@@ -746,7 +781,7 @@ def _heartbeat() -> Select:
         .cte("events")
     )
     before = JOBS.alias("before")
-    return (
+    return prepared(
         select(
             *changed.c,
             *[column.label(f"before_{column.name}") for column in before.c],

@@ -15,7 +15,9 @@ interleaved with its floors, and the best round of each counts.
   job-shaped model (the same `Job`, the same sync-route threadpool).
 - claim, 8 workers over HTTP: against the lower of a bare FastAPI route
   answering a one-job list (same client) and the bare claim statement through
-  psycopg2 in 8 threads; no job may be claimed twice.
+  psycopg2 in 8 threads, sent as the app sends it (a prepared statement,
+  planned once per connection); no job may be claimed twice. The same
+  statement sent as text, planned on every call, is printed beside it.
 
 The load generator's own CPU use is printed: near 100 % of a core it would be
 the bottleneck, and the ratios would flatter the app.
@@ -263,27 +265,35 @@ def seed_pending(url: str, count: int) -> None:
     )
 
 
-def claim_floor_in_database(url: str, seconds: float) -> Result:
-    """The repository's own claim statement through bare psycopg2, 8 threads."""
+def claim_floor_in_database(url: str, seconds: float, *, prepared: bool) -> Result:
+    """The repository's own claim statement through bare psycopg2, 8 threads:
+    `prepared` as the app sends it (PREPARE with the first EXECUTE, then
+    EXECUTE, on connections set up as the app's), else as plain text."""
     import psycopg2
     from sqlalchemy.dialects.postgresql import psycopg2 as dialect
 
-    from repository import claim_statement
+    from database import GENERIC_PLANS, prepared_queries
+    from repository import claim_query
 
     now = datetime.now(UTC)
-    compiled = claim_statement("floor", 1, now, now, None).compile(
-        dialect=dialect.dialect()
-    )
-    sql, params = str(compiled), compiled.params
+    statement, values = claim_query("floor", 1, now, now, None)
+    compiled = statement.compile(dialect=dialect.dialect())
+    params = compiled.construct_params(values)
+    first = later = str(compiled)
+    if prepared:
+        first, later = prepared_queries(compiled, params)
     counts = [0] * CONCURRENCY
     deadline = time.perf_counter() + seconds
 
     def worker(number: int) -> None:
-        connection = psycopg2.connect(psycopg2_dsn(url))
+        options = GENERIC_PLANS if prepared else ""
+        connection = psycopg2.connect(psycopg2_dsn(url), options=options)
         connection.autocommit = True
         with connection.cursor() as cursor:
+            cursor.execute(first, params)
+            counts[number] += len(cursor.fetchall())
             while time.perf_counter() < deadline:
-                cursor.execute(sql, params)
+                cursor.execute(later, params)
                 counts[number] += len(cursor.fetchall())
         connection.close()
 
@@ -412,11 +422,12 @@ def run_scenarios(
             f"{f'{goal:.1f}x' if goal else '':>6} {result.client_cpu:10.0%}"
         )
     http_floor = best["floor: bare route, one-job list"]
-    db_floor = claims["floor: claim statement, psycopg2"]
+    db_floor = claims[DB_FLOOR]
     claim_floor = min(http_floor.rate, db_floor.rate)
     print(f"\n{'claims, 8 workers':40} {'claims/s':>8} {'ratio':>6} {'goal':>6}")
     print(f"{'floor: bare route, one-job list':40} {http_floor.rate:8.0f}")
-    print(f"{'floor: claim statement, psycopg2':40} {db_floor.rate:8.0f}")
+    print(f"{DB_FLOOR:40} {db_floor.rate:8.0f}")
+    print(f"{'  (the same as text, planned per call)':40} {claims[AS_TEXT].rate:8.0f}")
     app_claims = claims["claim over HTTP"]
     print(
         f"{'claim over HTTP':40} {app_claims.rate:8.0f} "
@@ -426,8 +437,13 @@ def run_scenarios(
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
+DB_FLOOR = "floor: claim statement, psycopg2"
+AS_TEXT = "claim statement as text"
+
+
 def run_claims(url: str, app_port: int, seconds: float) -> dict[str, Result]:
-    """Claims over HTTP, then the database floor, each on fresh pending jobs."""
+    """Claims over HTTP, then the database floor (prepared, as the app sends
+    it, and as text), each on fresh pending jobs."""
     execute(url, "DELETE FROM extraction_job WHERE status = 'processing'")
     seed_pending(url, 30_000)
     load(
@@ -453,13 +469,12 @@ def run_claims(url: str, app_port: int, seconds: float) -> dict[str, Result]:
     if len(set(claimed)) != len(claimed):
         sys.exit(f"claim: {len(claimed) - len(set(claimed))} jobs claimed twice")
     over_http.bodies.clear()
-    execute(url, "DELETE FROM extraction_job WHERE status = 'processing'")
-    seed_pending(url, 60_000)
-    in_database = claim_floor_in_database(url, seconds)
-    return {
-        "claim over HTTP": over_http,
-        "floor: claim statement, psycopg2": in_database,
-    }
+    results = {"claim over HTTP": over_http}
+    for name, prepared in ((DB_FLOOR, True), (AS_TEXT, False)):
+        execute(url, "DELETE FROM extraction_job WHERE status = 'processing'")
+        seed_pending(url, 60_000)
+        results[name] = claim_floor_in_database(url, seconds, prepared=prepared)
+    return results
 
 
 if __name__ == "__main__":

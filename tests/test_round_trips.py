@@ -1,11 +1,17 @@
 """Round trips per request, counted by PostgreSQL itself.
 
-Each statement the server receives is one round trip (psycopg2 speaks the
+Each query the server receives is one round trip (psycopg2 speaks the
 simple query protocol). A database of its own, `<test database>_rt`, logs
 every statement (`ALTER DATABASE … SET log_statement = 'all'`); the test reads
 the server's log through the server (`pg_read_file`), from where it ended
 before the request, and counts that database's statements. No client-side
 hook is trusted: a BEGIN, COMMIT or pre-ping sent by any layer is counted.
+
+A prepared statement is one round trip too: `PREPARE name AS …; EXECUTE
+name(…)` the first time on a connection (one query, one log entry), then
+`EXECUTE name(…)` (one entry, with the prepared SQL as its DETAIL). Each is
+counted once, as the SQL that ran; a PREPARE or anything else sent on its
+own is an entry, and counted, like any statement.
 """
 
 import os
@@ -39,17 +45,47 @@ class StatementLog:
             cursor.execute("SELECT size FROM pg_stat_file(%s)", (self.path,))
             return cursor.fetchone()[0]
 
-    def statements_since(self, offset: int) -> list[str]:
+    def queries_since(self, offset: int) -> list[tuple[str, str | None]]:
+        """Each query this database received, as sent, with the SQL it was
+        prepared with when it is an EXECUTE."""
         with self.admin.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_read_file(%s, %s, %s)",
                 (self.path, offset, self.end() - offset),
             )
             text = cursor.fetchone()[0]
+        # A message's further lines start with a tab.
         pattern = re.compile(
-            rf"@{re.escape(self.database)} LOG:  (?:statement|execute [^:]*): (.*)"
+            rf"@{re.escape(self.database)} (LOG|DETAIL):  (.*(?:\n\t.*)*)"
         )
-        return [match[1] for match in pattern.finditer(text)]
+        queries: list[tuple[str, str | None]] = []
+        for level, message in pattern.findall(text):
+            message = message.replace("\n\t", "\n")
+            if level == "LOG" and message.startswith("statement: "):
+                queries.append((message.removeprefix("statement: "), None))
+            elif level == "DETAIL" and message.startswith("prepare: ") and queries:
+                queries[-1] = (queries[-1][0], message.removeprefix("prepare: "))
+        return queries
+
+    def statements_since(self, offset: int) -> list[str]:
+        """The SQL of each query, one per round trip; a prepared statement
+        as the SQL it was prepared with."""
+        return [_ran(query, prepared) for query, prepared in self.queries_since(offset)]
+
+
+_PREPARE_AND_EXECUTE = re.compile(
+    r"PREPARE (\w+) (?:\(.*?\) )?AS (.*); EXECUTE \1(?:\(.*\))?", re.DOTALL
+)
+
+
+def _ran(query: str, prepared: str | None) -> str:
+    """What ran: the statement itself, or the SQL a PREPARE gave it."""
+    if prepared is None:  # a statement, or PREPARE and EXECUTE in one query
+        match = _PREPARE_AND_EXECUTE.fullmatch(query)
+        return match[2] if match else query
+    match = _PREPARE_AND_EXECUTE.fullmatch(prepared)
+    name = re.match(r"EXECUTE (\w+)", query)
+    return match[2] if match and name and name[1] == match[1] else query
 
 
 def _server_log_path(admin) -> str | None:
@@ -378,3 +414,140 @@ def test_lease_history_stats_and_cursor_requests_are_one_round_trip_each(counted
     page, sent = count(lambda: client.get(first.headers["Link"][1:].split(">")[0]))
     assert page.status_code == 200 and len(page.json()) == 1
     assert len(sent) == 1, sent
+
+
+def _one_connection(counted, **env: str) -> tuple[TestClient, Callable]:
+    """An app whose pool holds one connection, so every request shares it."""
+    return counted(DB_POOL_SIZE="1", DB_MAX_OVERFLOW="0", **env)
+
+
+def _on_the_app_connection(url: str, sql: str) -> list[tuple]:
+    def rows(connection) -> list[tuple]:
+        result = connection.exec_driver_sql(sql)
+        return result.all() if result.returns_rows else []
+
+    return database.run(url, rows)
+
+
+def test_a_statement_is_prepared_once_per_connection_then_only_executed(
+    counted, statement_log
+):
+    url, log = statement_log
+    # With a key of its own, no list page also reads the stored one.
+    client, _ = _one_connection(counted, CURSOR_SECRET="k" * 32)
+
+    def requests() -> None:
+        """A create, then one of each hot request on what it made or claimed."""
+        job = _job(client)
+        assert client.get(f"/extraction-jobs/{job['id']}").status_code == 200
+        assert client.get("/extraction-jobs", params={"limit": 5}).status_code == 200
+        claim = client.post("/extraction-jobs/claim", json={"worker_id": "w"})
+        url = f"/extraction-jobs/{claim.json()[0]['id']}"
+        beat = client.post(f"{url}/heartbeat", json={"worker_id": "w"})
+        assert beat.status_code == 200, beat.text
+        done = client.patch(
+            url,
+            json={"status": "completed"},
+            headers={"If-Match": beat.headers["etag"]},
+        )
+        assert done.status_code == 200, done.text
+
+    for first_time in (True, False):
+        offset = log.end()
+        requests()
+        queries = log.queries_since(offset)
+        assert len(queries) == 6, queries
+        for query, prepared in queries:
+            if first_time:
+                assert query.startswith("PREPARE ej_") and prepared is None, query
+            else:
+                assert query.startswith("EXECUTE ej_") and prepared, query
+    # Planned once, when prepared: every later EXECUTE ran the generic plan.
+    plans = _on_the_app_connection(
+        url, "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+    )
+    assert sorted(plans) == [(2, 0)] * 6, plans
+
+
+def test_a_replaced_connection_prepares_again(counted, statement_log):
+    """After an outage, a failover or a SnapStart restore: the new connection
+    has none of the old one's prepared statements."""
+    _, log = statement_log
+    client, _ = _one_connection(counted)
+    job = _job(client)
+    get = lambda: client.get(f"/extraction-jobs/{job['id']}")
+    get()
+    assert _terminate_app_connections(log) == 1
+    for expected in ("PREPARE ej_", "EXECUTE ej_"):
+        offset = log.end()
+        assert get().json() == job
+        [(query, _)] = log.queries_since(offset)
+        assert query.startswith(expected), query
+
+
+def test_a_statement_gone_from_the_server_is_prepared_again(counted, statement_log):
+    """A prepared statement the server no longer has (a DISCARD ALL, a
+    PREPARE that failed): its EXECUTE fails, and it is prepared again at
+    once. The only case that costs a second round trip."""
+    url, log = statement_log
+    client, _ = _one_connection(counted)
+    job = _job(client)
+    get = lambda: client.get(f"/extraction-jobs/{job['id']}")
+    get()
+    _on_the_app_connection(url, "DEALLOCATE ALL")
+    offset = log.end()
+    assert get().json() == job
+    queries = [query for query, _ in log.queries_since(offset)]
+    assert len(queries) == 2, queries
+    assert queries[0].startswith("EXECUTE ej_"), queries
+    assert queries[1].startswith("PREPARE ej_"), queries
+
+
+def test_a_statement_whose_result_type_changed_is_prepared_again(
+    counted, statement_log
+):
+    """A migration that changes the type of a column a prepared statement
+    returns: PostgreSQL refuses the old statement, which is replaced."""
+    url, log = statement_log
+    client, _ = _one_connection(counted)
+    job = _job(client)
+    get = lambda: client.get(f"/extraction-jobs/{job['id']}")
+    get()
+    alter = "ALTER TABLE extraction_job ALTER COLUMN document_id TYPE {}"
+    _on_the_app_connection(url, alter.format("text"))
+    try:
+        offset = log.end()
+        assert get().json() == job
+        queries = [query for query, _ in log.queries_since(offset)]
+    finally:
+        _on_the_app_connection(url, alter.format("varchar(255)"))
+        _on_the_app_connection(url, "ANALYZE extraction_job")
+    assert len(queries) == 2, queries
+    assert queries[0].startswith("EXECUTE ej_"), queries
+    assert queries[1].startswith("DEALLOCATE ej_"), queries
+
+
+def test_the_claims_generic_plan_reads_the_pending_jobs_index(counted, statement_log):
+    """Fixed values are written into the prepared SQL (`status = 'pending'`),
+    so the one plan every claim runs still reads the partial index."""
+    url, _ = statement_log
+    client, _ = _one_connection(counted)
+    # A test table is small enough to read whole; the plan is made at the
+    # claim's first EXECUTE, so this comes first. With `status = $n` no
+    # plan could use the partial index at all.
+    _on_the_app_connection(url, "SET enable_seqscan = off")
+    client.post("/extraction-jobs/claim", json={"worker_id": "w"})
+    [(name, parameters)] = _on_the_app_connection(
+        url,
+        "SELECT name, cardinality(parameter_types) FROM pg_prepared_statements "
+        "WHERE strpos(statement, 'due AS MATERIALIZED') > 0",
+    )
+    nulls = ", ".join(["NULL"] * parameters)
+    plan = "\n".join(
+        row[0]
+        for row in _on_the_app_connection(
+            url, f"EXPLAIN (COSTS OFF) EXECUTE {name}({nulls})"
+        )
+    )
+    assert "Index Scan using ix_extraction_job_pending_claim" in plan, plan
+    assert "$1" in plan, plan  # the generic plan, not one for these values

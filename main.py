@@ -810,6 +810,10 @@ def create_app() -> FastAPI:
         ),
         docs_url=None,
         redoc_url=None,
+        # Logs, metrics and traces are Powertools' and X-Ray's
+        # (observability.py); FastAPI's OpenTelemetry hooks would otherwise
+        # look up three global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.authenticator = authenticator_for(settings)
     app.state.service = JobService(

@@ -151,8 +151,9 @@ def _postgres_engine(url: str) -> Engine:
         pool_timeout=config.db_pool_timeout,
         connect_args={
             "connect_timeout": config.db_connect_timeout,
+            # TimeZone=UTC: timestamps arrive in UTC, as the API writes them.
             "options": f"-c statement_timeout={config.db_statement_timeout_ms} "
-            + GENERIC_PLANS,
+            f"-c TimeZone=UTC {GENERIC_PLANS}",
             "application_name": "extraction-jobs",
         },
     )

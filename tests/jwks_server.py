@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -115,3 +116,14 @@ class JwksServer:
                 """Keep test output quiet."""
 
         return Handler
+
+
+def use_jwks(monkeypatch, server: JwksServer, *, issuer: str, audience: str) -> None:
+    """Turn auth on in the environment, validating tokens from `issuer` for
+    `audience` with the keys `server` serves (the app reads it at creation)."""
+    monkeypatch.delenv("AUTH_DISABLED", raising=False)
+    monkeypatch.delenv("AUTH_REQUIRE_SCOPES", raising=False)
+    monkeypatch.setenv("AUTH0_DOMAIN", urlsplit(issuer).hostname)
+    monkeypatch.setenv("AUTH0_AUDIENCE", audience)
+    monkeypatch.setenv("AUTH0_ISSUER", issuer)
+    monkeypatch.setenv("AUTH0_JWKS_URL", server.url)

@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from jose import jwk, jwt
 
 import auth
-from tests.jwks_server import JwksServer, RsaTestKey
+from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
 AUDIENCE = "https://extraction-jobs.example.invalid"
 DOMAIN = "tenant.example.invalid"
@@ -75,14 +75,9 @@ def jwks(key_a):
 
 @pytest.fixture
 def auth_env(monkeypatch, tmp_path, jwks):
-    monkeypatch.delenv("AUTH_DISABLED", raising=False)
-    monkeypatch.delenv("AUTH_REQUIRE_SCOPES", raising=False)
+    use_jwks(monkeypatch, jwks, issuer=ISSUER, audience=AUDIENCE)
     monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("AUTH0_DOMAIN", DOMAIN)
-    monkeypatch.setenv("AUTH0_AUDIENCE", AUDIENCE)
-    monkeypatch.setenv("AUTH0_ISSUER", ISSUER)
-    monkeypatch.setenv("AUTH0_JWKS_URL", jwks.url)
     monkeypatch.setenv("DB_PATH", str(tmp_path / "jobs.db"))
     return monkeypatch
 

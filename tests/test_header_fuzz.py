@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from jose import jwt
 
 from main import create_app
-from tests.jwks_server import JwksServer, RsaTestKey
+from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
 SEED = int(os.environ.get("HEADER_FUZZ_SEED", "20261127"))
 CASES = int(os.environ.get("HEADER_FUZZ_CASES", "150"))
@@ -49,12 +49,7 @@ def key() -> RsaTestKey:
 def client(database_url, key, monkeypatch):
     server = JwksServer().start()
     server.keys = [key.public_jwk()]
-    monkeypatch.delenv("AUTH_DISABLED", raising=False)
-    monkeypatch.delenv("AUTH_REQUIRE_SCOPES", raising=False)
-    monkeypatch.setenv("AUTH0_DOMAIN", "tenant.example.invalid")
-    monkeypatch.setenv("AUTH0_AUDIENCE", AUDIENCE)
-    monkeypatch.setenv("AUTH0_ISSUER", ISSUER)
-    monkeypatch.setenv("AUTH0_JWKS_URL", server.url)
+    use_jwks(monkeypatch, server, issuer=ISSUER, audience=AUDIENCE)
     monkeypatch.setenv("DATABASE_URL", database_url)
     with TestClient(create_app(), raise_server_exceptions=False) as test_client:
         yield test_client

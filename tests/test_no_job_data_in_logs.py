@@ -29,7 +29,7 @@ import database
 import lambda_handler
 from main import create_app
 from repository import ExtractionJobRepository
-from tests.jwks_server import JwksServer, RsaTestKey
+from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
 AUDIENCE = "https://extraction-jobs.example.invalid"
 ISSUER = "https://tenant.example.invalid/"
@@ -47,12 +47,7 @@ def key() -> RsaTestKey:
 def jwks(key, monkeypatch):
     server = JwksServer().start()
     server.keys = [key.public_jwk()]
-    monkeypatch.delenv("AUTH_DISABLED", raising=False)
-    monkeypatch.delenv("AUTH_REQUIRE_SCOPES", raising=False)
-    monkeypatch.setenv("AUTH0_DOMAIN", "tenant.example.invalid")
-    monkeypatch.setenv("AUTH0_AUDIENCE", AUDIENCE)
-    monkeypatch.setenv("AUTH0_ISSUER", ISSUER)
-    monkeypatch.setenv("AUTH0_JWKS_URL", server.url)
+    use_jwks(monkeypatch, server, issuer=ISSUER, audience=AUDIENCE)
     yield server
     server.stop()
 

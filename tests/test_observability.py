@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from jose import jwk, jwt
-from jwks_server import JwksServer, RsaTestKey
+from jwks_server import JwksServer, RsaTestKey, use_jwks
 from lambda_events import LambdaContext, http_api_event, response_json
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -275,11 +275,7 @@ def authed_client(
 ) -> TestClient:
     server = JwksServer().start()
     server.keys = [key.public_jwk()]
-    monkeypatch.delenv("AUTH_DISABLED", raising=False)
-    monkeypatch.setenv("AUTH0_DOMAIN", "tenant.example.invalid")
-    monkeypatch.setenv("AUTH0_AUDIENCE", AUDIENCE)
-    monkeypatch.setenv("AUTH0_ISSUER", ISSUER)
-    monkeypatch.setenv("AUTH0_JWKS_URL", server.url)
+    use_jwks(monkeypatch, server, issuer=ISSUER, audience=AUDIENCE)
     monkeypatch.setenv("DB_PATH", str(tmp_path / "jobs.db"))
     yield TestClient(create_app())
     server.stop()

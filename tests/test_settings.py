@@ -123,33 +123,48 @@ def assert_one_line_per_problem(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_uvicorn_refuses_to_start_with_one_line_per_problem(tmp_path):
+def start_uvicorn(tmp_path: Path, **values: str) -> subprocess.CompletedProcess:
+    """`uvicorn main:app` with only `values` set, run until it exits."""
     command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
     command += ["--host", "127.0.0.1"]
-    env = clean_env(tmp_path, DB_POOL_SIZE="ten")
-    result = subprocess.run(
+    return subprocess.run(
         command,
         check=False,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
+        env=clean_env(tmp_path, **values),
         timeout=60,
     )
-    assert_one_line_per_problem(result)
 
 
-def test_lambda_import_refuses_to_start_with_one_line_per_problem(tmp_path):
-    result = subprocess.run(
+def import_lambda_handler(tmp_path: Path, **values: str) -> subprocess.CompletedProcess:
+    """`import lambda_handler` in a fresh interpreter with only `values` set."""
+    return subprocess.run(
         [sys.executable, "-c", "import lambda_handler"],
         check=False,
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=clean_env(tmp_path, DB_POOL_SIZE="ten"),
+        env=clean_env(tmp_path, **values),
         timeout=60,
     )
-    assert_one_line_per_problem(result)
+
+
+def refused_variables(result: subprocess.CompletedProcess) -> list[str]:
+    """The start failed with exit code 1 and no traceback; the problem lines,
+    each cut before the value it got."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return [line.split(" (got")[0] for line in result.stderr.splitlines()]
+
+
+def test_uvicorn_refuses_to_start_with_one_line_per_problem(tmp_path):
+    assert_one_line_per_problem(start_uvicorn(tmp_path, DB_POOL_SIZE="ten"))
+
+
+def test_lambda_import_refuses_to_start_with_one_line_per_problem(tmp_path):
+    assert_one_line_per_problem(import_lambda_handler(tmp_path, DB_POOL_SIZE="ten"))
 
 
 def readme_section(title: str) -> str:
@@ -257,47 +272,24 @@ def test_logging_and_metrics_variables_parse_and_default():
 
 
 def test_uvicorn_names_each_bad_logging_or_metrics_variable(tmp_path):
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(free_port())]
-    command += ["--host", "127.0.0.1"]
-    env = clean_env(
+    result = start_uvicorn(
         tmp_path, AUTH_DISABLED="1", LOG_LEVEL="LOUD", METRICS_NAMESPACE="AWS/Jobs"
     )
-    result = subprocess.run(
-        command,
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-    )
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert [line.split(" (got")[0] for line in result.stderr.splitlines()] == [
+    assert refused_variables(result) == [
         "configuration error: LOG_LEVEL",
         "configuration error: METRICS_NAMESPACE",
     ]
 
 
 def test_lambda_import_names_each_bad_metrics_or_retention_variable(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", "import lambda_handler"],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=clean_env(
-            tmp_path,
-            AUTH_DISABLED="1",
-            METRICS_ENABLED="maybe",
-            RETENTION_DAYS="90d",
-            AWS_LAMBDA_FUNCTION_NAME="extraction-jobs-api",
-        ),
-        timeout=60,
+    result = import_lambda_handler(
+        tmp_path,
+        AUTH_DISABLED="1",
+        METRICS_ENABLED="maybe",
+        RETENTION_DAYS="90d",
+        AWS_LAMBDA_FUNCTION_NAME="extraction-jobs-api",
     )
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert [line.split(" (got")[0] for line in result.stderr.splitlines()] == [
+    assert refused_variables(result) == [
         "configuration error: RETENTION_DAYS",
         "configuration error: METRICS_ENABLED",
     ]

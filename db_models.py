@@ -1,6 +1,12 @@
-"""The `extraction_job` table in SQLAlchemy 2.0's typed declarative style."""
+"""The tables, as SQLAlchemy Core `Table`s, and the column types they use.
 
-import uuid
+Core only: nothing here (or anywhere on the request path) imports
+`sqlalchemy.orm`, which would cost a Lambda cold start about 60 ms.
+The schema belongs to Alembic (migrations/); tests/test_migrations.py keeps
+these definitions and the migrated databases equal, CHECK constraints and
+partial-index predicates included.
+"""
+
 from datetime import UTC, datetime
 from typing import Any
 
@@ -8,19 +14,27 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Column,
     DateTime,
     Index,
     Integer,
+    MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     Uuid,
     func,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models import DEFAULT_MAX_ATTEMPTS, MAX_PRIORITY, MIN_PRIORITY, JobStatus
+from models import (
+    DEFAULT_MAX_ATTEMPTS,
+    FINISHED,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    JobStatus,
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -63,24 +77,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return super().result_processor(dialect, coltype)
 
 
-class JSONDocument(TypeDecorator[Any]):
-    """JSONB on PostgreSQL, JSON elsewhere; a JSON null stays SQL NULL, so
-    "no metadata" is one value, not two.
-
-    A decorator rather than `JSON().with_variant(JSONB())`: naming JSONB at
-    import would load the whole PostgreSQL dialect on every cold start,
-    SQLite too; this loads it when a PostgreSQL engine first needs it.
-    """
-
-    impl = JSON(none_as_null=True)
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Any) -> Any:
-        if dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import JSONB
-
-            return dialect.type_descriptor(JSONB(none_as_null=True))
-        return dialect.type_descriptor(JSON(none_as_null=True))
+# `json`, not `jsonb`, on PostgreSQL: it keeps the text as sent, so numbers
+# read back as they were written (jsonb turns 1e308 into 309 digits and
+# 1.5e300 into an integer). A JSON null stays SQL NULL: "no metadata" is one
+# value, not two.
+JSONDocument = JSON(none_as_null=True)
 
 
 class PartialIndex(Index):
@@ -108,119 +109,119 @@ Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
 # The Alembic revisions in migrations/versions, oldest first; the last one is
 # the schema this code needs (a test keeps the two in step).
-SCHEMA_REVISIONS = ("0001_initial", "0002_job_lifecycle")
-
-STATUS_VALUES = ", ".join(f"'{status.value}'" for status in JobStatus)
-PENDING = text(f"status = '{JobStatus.PENDING.value}'")
-PROCESSING = text(f"status = '{JobStatus.PROCESSING.value}'")
-FINISHED = text(
-    f"status IN ('{JobStatus.COMPLETED.value}', '{JobStatus.FAILED.value}')"
-)
+SCHEMA_REVISIONS = ("0001_initial", "0002_job_lifecycle", "0003_one_write_path")
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class ExtractionJob(Base):
-    """One job per ingested document.
-
-    `seq` is the creation order: a database-assigned counter, so listing and
-    claiming stay deterministic even for jobs created in the same microsecond.
-    The public identifier is the UUID `id`.
-    """
-
-    __tablename__ = "extraction_job"
-
-    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
-    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
-    document_id: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(16))
-    priority: Mapped[int] = mapped_column(Integer, default=0)
-    # `metadata` is reserved on declarative classes, hence the attribute name.
-    job_metadata: Mapped[dict[str, Any] | None] = mapped_column(
-        "metadata", JSONDocument()
+def status_in(statuses: Any) -> str:
+    """`status IN (...)` for a set of statuses, in the enum's order."""
+    listed = ", ".join(
+        f"'{status.value}'" for status in JobStatus if status in statuses
     )
-    error_message: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    created_by: Mapped[str | None] = mapped_column(String(255))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker_id: Mapped[str | None] = mapped_column(String(255))
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    version: Mapped[int] = mapped_column(Integer, default=1)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    return f"status IN ({listed})"
+
+
+def _status_is(status: JobStatus) -> Any:
+    return text(f"status = '{status.value}'")
+
+
+metadata = MetaData()
+
+# One job per ingested document. `seq` is the creation order: a
+# database-assigned counter, so listing and claiming stay deterministic even
+# for jobs created in the same microsecond. The public identifier is `id`.
+JOBS = Table(
+    "extraction_job",
+    metadata,
+    Column("seq", Sequence, primary_key=True, autoincrement=True),
+    Column("id", Uuid, nullable=False, unique=True),
+    Column("document_id", String(255), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("metadata", JSONDocument),
+    Column("error_message", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("created_by", String(255)),
+    Column("attempts", Integer, nullable=False),
+    Column("worker_id", String(255)),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("version", Integer, nullable=False),
+    Column("idempotency_key", String(255)),
     # Revision 0002 (leases, retries, results): rows from before it got
     # max_attempts 3 and run_at = created_at.
-    max_attempts: Mapped[int] = mapped_column(
-        Integer, default=DEFAULT_MAX_ATTEMPTS, server_default=str(DEFAULT_MAX_ATTEMPTS)
-    )
-    run_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
-    updated_by: Mapped[str | None] = mapped_column(String(255))
+    Column(
+        "max_attempts",
+        Integer,
+        nullable=False,
+        server_default=str(DEFAULT_MAX_ATTEMPTS),
+    ),
+    Column("run_at", UTCDateTime, nullable=False),
+    Column("lease_expires_at", UTCDateTime),
+    Column("result", JSONDocument),
+    Column("updated_by", String(255)),
+    # Revision 0003: the token subject that took the lease (with worker_id,
+    # the holder), and the holder's last heartbeat.
+    Column("lease_owner", String(255)),
+    Column("heartbeat_at", UTCDateTime),
+    CheckConstraint(status_in(JobStatus), name="ck_extraction_job_status"),
+    CheckConstraint(
+        f"priority BETWEEN {MIN_PRIORITY} AND {MAX_PRIORITY}",
+        name="ck_extraction_job_priority",
+    ),
+    CheckConstraint("attempts >= 0", name="ck_extraction_job_attempts"),
+    # The list filters, each in creation order.
+    Index("ix_extraction_job_document_id", "document_id", "seq"),
+    Index("ix_extraction_job_status", "status", "seq"),
+    # The claim query: pending jobs, most urgent first, then oldest.
+    PartialIndex(
+        "ix_extraction_job_pending_claim",
+        text("priority DESC"),
+        "seq",
+        where=_status_is(JobStatus.PENDING),
+    ),
+    # The sweep: leases that ran out, and finished jobs past retention.
+    PartialIndex(
+        "ix_extraction_job_lease",
+        "lease_expires_at",
+        where=_status_is(JobStatus.PROCESSING),
+    ),
+    PartialIndex(
+        "ix_extraction_job_finished", "finished_at", where=text(status_in(FINISHED))
+    ),
+    # One job per idempotency key and caller; anonymous callers share ''.
+    Index(
+        "uq_extraction_job_idempotency",
+        func.coalesce(text("created_by"), ""),
+        "idempotency_key",
+        unique=True,
+    ),
+)
 
-    __table_args__ = (
-        CheckConstraint(
-            f"status IN ({STATUS_VALUES})", name="ck_extraction_job_status"
-        ),
-        CheckConstraint(
-            f"priority BETWEEN {MIN_PRIORITY} AND {MAX_PRIORITY}",
-            name="ck_extraction_job_priority",
-        ),
-        CheckConstraint("attempts >= 0", name="ck_extraction_job_attempts"),
-        # The list filters, each in creation order.
-        Index("ix_extraction_job_document_id", "document_id", "seq"),
-        Index("ix_extraction_job_status", "status", "seq"),
-        # The claim query: pending jobs, most urgent first, then oldest.
-        PartialIndex(
-            "ix_extraction_job_pending_claim",
-            text("priority DESC"),
-            "seq",
-            where=PENDING,
-        ),
-        # The sweep: leases that ran out, and finished jobs past retention.
-        PartialIndex("ix_extraction_job_lease", "lease_expires_at", where=PROCESSING),
-        PartialIndex("ix_extraction_job_finished", "finished_at", where=FINISHED),
-        # One job per idempotency key and caller; anonymous callers share ''.
-        Index(
-            "uq_extraction_job_idempotency",
-            func.coalesce(text("created_by"), ""),
-            "idempotency_key",
-            unique=True,
-        ),
-    )
+# A job's append-only history: each entry written in the same transaction
+# (on PostgreSQL, the same statement) as the change it records. No foreign
+# key: retention deletes a job's events with it, explicitly.
+EVENTS = Table(
+    "extraction_job_event",
+    metadata,
+    Column("seq", Sequence, primary_key=True, autoincrement=True),
+    Column("job_id", Uuid, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("from_status", String(16)),
+    Column("to_status", String(16)),
+    Column("actor", String(255)),
+    Column("worker_id", String(255)),
+    Column("detail", JSONDocument),
+    Index("ix_extraction_job_event_job", "job_id", "seq"),
+)
 
-
-class JobEventRow(Base):
-    """One entry of a job's append-only history, written in the same
-    transaction (on PostgreSQL, the same statement) as the change it records.
-
-    No foreign key: retention deletes a job's events with it, explicitly.
-    """
-
-    __tablename__ = "extraction_job_event"
-
-    seq: Mapped[int] = mapped_column(Sequence, primary_key=True, autoincrement=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(Uuid)
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
-    type: Mapped[str] = mapped_column(String(32))
-    from_status: Mapped[str | None] = mapped_column(String(16))
-    to_status: Mapped[str | None] = mapped_column(String(16))
-    actor: Mapped[str | None] = mapped_column(String(255))
-    worker_id: Mapped[str | None] = mapped_column(String(255))
-    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument())
-
-    __table_args__ = (Index("ix_extraction_job_event_job", "job_id", "seq"),)
-
-
-class CursorKey(Base):
-    """The key that signs list cursors unless `CURSOR_SECRET` is set: 32
-    random bytes (hex) the migration stored, one row, the same for every
-    instance that uses this database. The application only reads it."""
-
-    __tablename__ = "extraction_job_cursor_key"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(64))
+# The key that signs list cursors unless `CURSOR_SECRET` is set: 32 random
+# bytes (hex) the migration stored, one row, the same for every instance
+# that uses this database. The application only reads it.
+CURSOR_KEY = Table(
+    "extraction_job_cursor_key",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(64), nullable=False),
+)

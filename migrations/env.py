@@ -13,7 +13,7 @@ from alembic import context
 from sqlalchemy import Connection, inspect, text
 
 import database
-from db_models import Base
+from db_models import metadata
 
 # A database made by release 1's create_all: this table, no alembic_version.
 LEGACY_REVISION = "0001_initial"
@@ -59,7 +59,7 @@ def stamp_legacy_schema(connection: Connection) -> None:
 def run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
+        target_metadata=metadata,
         # SQLite's DDL is transactional too: one transaction for the lot.
         transactional_ddl=True,
     )

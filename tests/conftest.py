@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, text
 
 import database
-from db_models import Base, ExtractionJob, JobEventRow
+from db_models import EVENTS, JOBS, metadata
 from main import create_app
 
 IN_CI = os.environ.get("CI") == "true"
@@ -71,14 +71,14 @@ def empty_postgres(url: str) -> None:
     table and the tests run on exactly what `make migrate` makes."""
     engine = database.get_engine(url)
     if url not in _schema_refreshed:
-        Base.metadata.drop_all(engine)
+        metadata.drop_all(engine)
         with engine.begin() as connection:
             connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
         database.upgrade_schema(url)
         _schema_refreshed.add(url)
     with engine.begin() as connection:
-        connection.execute(delete(ExtractionJob))
-        connection.execute(delete(JobEventRow))
+        connection.execute(delete(JOBS))
+        connection.execute(delete(EVENTS))
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

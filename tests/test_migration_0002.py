@@ -10,9 +10,9 @@ from sqlalchemy.pool import NullPool
 from test_migrations import (  # noqa: F401
     LEGACY_JOB_ID,
     alembic_command,
+    assert_models_schema,
     build_release_1_schema,
     revision,
-    schema_differences,
     scratch_postgres,
 )
 
@@ -54,7 +54,7 @@ def release_1_url(request, tmp_path):
 def test_release_1_rows_get_sensible_lifecycle_values(release_1_url, monkeypatch):
     alembic_command(release_1_url, "upgrade", "head")
     assert revision(release_1_url) == database.SCHEMA_HEAD
-    assert schema_differences(release_1_url) == []
+    assert_models_schema(release_1_url)
     monkeypatch.setenv("DATABASE_URL", release_1_url)
     client = TestClient(create_app())
     pending = client.get(f"/extraction-jobs/{LEGACY_JOB_ID}").json()
@@ -90,4 +90,4 @@ def test_downgrade_to_release_1_keeps_the_rows(release_1_url):
         )
     engine.dispose()
     alembic_command(release_1_url, "upgrade", "head")
-    assert schema_differences(release_1_url) == []
+    assert_models_schema(release_1_url)

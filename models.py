@@ -6,7 +6,6 @@ NUL character in text or JSONB, so NUL is rejected everywhere on every
 backend: behaviour must not depend on which database runs underneath.
 """
 
-import json
 import math
 import re
 from datetime import UTC, datetime
@@ -22,8 +21,10 @@ from pydantic import (
     Field,
     PlainSerializer,
     StringConstraints,
+    create_model,
     model_validator,
 )
+from pydantic_core import to_json
 
 MAX_DOCUMENT_ID_LENGTH = 255
 MAX_ERROR_MESSAGE_LENGTH = 10_000
@@ -45,6 +46,10 @@ class JobStatus(StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+# Finished: final. Nothing changes such a job but an explicit retry.
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 
 
 def check_text(value: str) -> str:
@@ -86,7 +91,9 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
             check_text(node)
         elif isinstance(node, float) and not math.isfinite(node):
             raise ValueError("numbers must be finite (no NaN or Infinity)")
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    # Measured as responses write it (pydantic's serializer, which FastAPI
+    # uses for response models), so the bound holds for what is returned.
+    size = len(to_json(value))
     if size > MAX_METADATA_BYTES:
         raise ValueError(
             f"must be at most {MAX_METADATA_BYTES} bytes serialized, got {size}"
@@ -303,9 +310,12 @@ JOB_EXAMPLE = {
     "worker_id": "ocr-worker-7",
     "started_at": "2026-11-27T04:12:03.500000+00:00",
     "finished_at": "2026-11-27T04:12:41.020000+00:00",
-    "version": 3,
+    "version": 4,
     "max_attempts": 3,
     "run_at": "2026-11-27T04:11:59.123456+00:00",
+    "lease_expires_at": "2026-11-27T04:17:33.500000+00:00",
+    "heartbeat_at": "2026-11-27T04:12:33.500000+00:00",
+    "result": {"pages_read": 2},
     "updated_by": "auth0|5f7c8ec7c33c6c004bbafe82",
 }
 
@@ -327,7 +337,9 @@ class Job(BaseModel):
         description="The token's `sub`; null when auth is disabled."
     )
     attempts: int = Field(description="How many times the job entered processing.")
-    worker_id: str | None = Field(description="The worker that claimed it last.")
+    worker_id: str | None = Field(
+        description="The worker that holds it (while processing) or held it last."
+    )
     started_at: Timestamp | None = Field(description="When it last entered processing.")
     finished_at: Timestamp | None = Field(
         description="When it reached completed or failed."
@@ -336,31 +348,37 @@ class Job(BaseModel):
     max_attempts: int = Field(description="Expired leases allowed before it fails.")
     run_at: Timestamp = Field(description="Not claimed before this instant.")
     lease_expires_at: Timestamp | None = Field(
-        default=None, description="While processing: when the holder's lease runs out."
+        description="While processing: when the holder's lease runs out."
     )
-    result: dict[str, Any] | None = Field(
-        default=None, description="What a completed job produced."
+    heartbeat_at: Timestamp | None = Field(
+        description="The holder's last heartbeat in this lease; null before the first."
     )
+    result: dict[str, Any] | None = Field(description="What a completed job produced.")
     updated_by: str | None = Field(
-        default=None,
         description="The token's `sub` behind the last change; null when auth is "
-        "disabled or the change was the sweep's.",
+        "disabled or the change was the sweep's."
     )
 
 
 class EventType(StrEnum):
     CREATED = "created"
     CLAIMED = "claimed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RELEASED = "released"
+    LEASE_EXPIRED = "lease_expired"
+    UPDATED = "updated"
+    # Written by earlier releases only: one per heartbeat, and every other
+    # status move.
     HEARTBEAT = "heartbeat"
     STATUS_CHANGED = "status_changed"
-    UPDATED = "updated"
-    LEASE_EXPIRED = "lease_expired"
-    RETRIED = "retried"
 
 
 class JobEvent(BaseModel):
     """One entry of a job's append-only history."""
 
+    id: int = Field(description="Stable and unique; increases in commit order per job.")
+    job_id: str
     at: Timestamp
     type: EventType
     from_status: JobStatus | None
@@ -370,11 +388,12 @@ class JobEvent(BaseModel):
     detail: dict[str, Any] | None
 
 
-class StatusCounts(BaseModel):
-    pending: int
-    processing: int
-    completed: int
-    failed: int
+# One count per status, derived from the enum.
+StatusCounts = create_model(
+    "StatusCounts",
+    __base__=BaseModel,
+    **{status.value: (int, ...) for status in JobStatus},
+)
 
 
 class JobStats(BaseModel):

@@ -15,12 +15,11 @@ from datetime import UTC, datetime, timedelta
 
 from models import (
     DEFAULT_LEASE_SECONDS,
+    FINISHED,
     ClaimRequest,
-    EventType,
     HeartbeatRequest,
     Job,
     JobCreate,
-    JobEvent,
     JobStats,
     JobStatus,
     JobUpdate,
@@ -28,27 +27,25 @@ from models import (
 from repository import (
     MAX_RETENTION_BATCHES,
     ClaimOutcome,
+    EventsPage,
     ExtractionJobRepository,
     IdempotencyKeyTaken,
-    NewEvent,
+    Moved,
     SweepOutcome,
-    iso,
 )
 
-# The one state machine: where each status may move next.
+# The one state machine: where a PATCH may move each status. Finished
+# statuses move nowhere: a finished job is final.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PENDING: frozenset(
         {JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED}
     ),
-    # Back to pending is a worker releasing the job.
+    # Back to pending is the holder releasing the job (spending the attempt).
     JobStatus.PROCESSING: frozenset(
         {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.PENDING}
     ),
-    # A failed job may be retried.
-    JobStatus.FAILED: frozenset({JobStatus.PENDING}),
-    JobStatus.COMPLETED: frozenset(),
+    **{status: frozenset() for status in FINISHED},
 }
-FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 # The same machine read backwards: from where each status may be reached.
 SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
     target: frozenset(
@@ -57,12 +54,14 @@ SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
     for target in JobStatus
 }
 
-# A PATCH refused by its conditional UPDATE re-reads the job; if the job
-# changed in between, it tries again. This bounds how often.
+# A change refused by its conditional UPDATE is explained from the job as it
+# stood; if that shows nothing to refuse (the job changed in between), the
+# change is tried again. This bounds how often.
 MAX_UPDATE_ATTEMPTS = 10
-ONE_MICROSECOND = timedelta(microseconds=1)
 # Deeper than this, an offset scan costs too much: pages go on with `cursor`.
 MAX_LIST_OFFSET = 10_000
+# Who holds a job taken by a PATCH that names no worker, with auth off.
+ANONYMOUS_HOLDER = "anonymous"
 
 
 class JobNotFound(Exception):
@@ -70,7 +69,11 @@ class JobNotFound(Exception):
         super().__init__(f"Extraction job {job_id!r} not found")
 
 
-class InvalidTransition(Exception):
+class Conflict(Exception):
+    """The job's state refuses the request (409)."""
+
+
+class InvalidTransition(Conflict):
     def __init__(self, current: JobStatus, target: JobStatus) -> None:
         allowed = ", ".join(sorted(TRANSITIONS[current])) or "none, it is final"
         super().__init__(
@@ -78,15 +81,30 @@ class InvalidTransition(Exception):
         )
 
 
-class RetryNotAllowed(InvalidTransition):
-    """`retry_in_seconds` on a job that is not processing or failed."""
+class JobFinished(Conflict):
+    def __init__(self, current: JobStatus) -> None:
+        super().__init__(
+            f"The job is finished ('{current}'): a finished job is final. Only the "
+            "same finishing request, repeated, answers 200"
+        )
+
+
+class RetryNotAllowed(Conflict):
+    """`retry_in_seconds` on a job that is not processing."""
 
     def __init__(self, current: JobStatus) -> None:
-        Exception.__init__(
-            self,
-            f"retry_in_seconds releases a processing job or retries a failed one; "
-            f"this job is '{current}'",
+        super().__init__(
+            f"retry_in_seconds releases a processing job; this job is '{current}'"
         )
+
+
+class NotLeaseHolder(Conflict):
+    """The caller acted on a job it does not hold (any more)."""
+
+
+class UpdateContention(Conflict):
+    def __init__(self) -> None:
+        super().__init__("The job is being changed by others right now; retry")
 
 
 class VersionMismatch(Exception):
@@ -105,15 +123,6 @@ class IdempotencyKeyReused(Exception):
             "This Idempotency-Key was already used for a different request body; "
             "use a new key for a new job"
         )
-
-
-class UpdateContention(Exception):
-    def __init__(self) -> None:
-        super().__init__("The job is being changed by others right now; retry")
-
-
-class NotLeaseHolder(Exception):
-    """A worker acted on a job it does not hold (any more)."""
 
 
 class InvalidPage(Exception):
@@ -226,6 +235,35 @@ def _same_request(job: Job, data: JobCreate) -> bool:
     )
 
 
+def _same_finish(job: Job, data: JobUpdate) -> bool:
+    """`data` is the request that finished `job`, repeated."""
+    return (data.status, data.result, data.error_message) == (
+        job.status,
+        job.result,
+        job.error_message,
+    )
+
+
+def _not_held(job: Job, moved: Moved, worker_id: str | None, actor: str | None):
+    """Why a processing job refused the caller, or None if it holds the job."""
+    if worker_id is not None and job.worker_id != worker_id:
+        return NotLeaseHolder(
+            f"The job's lease is held by another worker, not {worker_id!r}"
+        )
+    if moved.lease_owner != actor:
+        return NotLeaseHolder(
+            "The job's lease was taken with another token subject: only its "
+            "holder may change it"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class EventsSlice:
+    page: EventsPage
+    next_after: int | None
+
+
 class JobService:
     def __init__(
         self,
@@ -282,20 +320,13 @@ class JobService:
             max_attempts=data.max_attempts,
             run_at=run_at,
             lease_expires_at=None,
+            heartbeat_at=None,
             result=None,
             updated_by=created_by,
         )
-        event = NewEvent(
-            EventType.CREATED,
-            None,
-            JobStatus.PENDING,
-            created_by,
-            None,
-            {"run_at": iso(run_at)} if run_at > now else None,
-        )
         for _ in range(MAX_UPDATE_ATTEMPTS):
             try:
-                return self.repository.add(job, idempotency_key, event), False
+                return self.repository.add(job, idempotency_key), False
             except IdempotencyKeyTaken:
                 earlier = self.repository.get_by_idempotency_key(
                     created_by, idempotency_key
@@ -368,11 +399,14 @@ class JobService:
         )
         return Page(jobs, next_cursor)
 
-    def events(self, job_id: str) -> list[JobEvent]:
-        events = self.repository.events(_parse_id(job_id))
-        if events is None:
+    def events(self, job_id: str, *, after: int, limit: int) -> EventsSlice:
+        """Up to `limit` of the job's events after event `after`, oldest
+        first, and where the next page starts when more follow."""
+        page = self.repository.events(_parse_id(job_id), after=after, limit=limit)
+        if page is None:
             raise JobNotFound(job_id)
-        return events
+        next_after = page.events[-1].id if page.more else None
+        return EventsSlice(page, next_after)
 
     def stats(self) -> JobStats:
         return self.repository.stats(self.clock())
@@ -381,31 +415,34 @@ class JobService:
         self, job_id: str, request: HeartbeatRequest, *, actor: str | None = None
     ) -> Job:
         """Extend the holder's lease from now (409 unless it holds the job)."""
-        now = self.clock()
-        outcome = self.repository.heartbeat(
-            _parse_id(job_id),
-            worker_id=request.worker_id,
-            now=now,
-            lease_until=now + timedelta(seconds=request.lease_seconds),
-            actor=actor,
-        )
-        if outcome.job is None:
-            raise JobNotFound(job_id)
-        if not outcome.extended:
-            job = outcome.job
+        uid = _parse_id(job_id)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            now = self.clock()
+            moved = self.repository.heartbeat(
+                uid,
+                worker_id=request.worker_id,
+                now=now,
+                lease_until=now + timedelta(seconds=request.lease_seconds),
+                actor=actor,
+            )
+            job = moved.job
+            if moved.changed:
+                return job
+            if job is None:
+                raise JobNotFound(job_id)
             if job.status != JobStatus.PROCESSING:
                 raise NotLeaseHolder(
                     f"The job is {job.status.value}, not processing: there is no lease "
                     "to extend"
                 )
-            raise NotLeaseHolder(
-                f"The job's lease is held by another worker, not {request.worker_id!r}"
-            )
-        return outcome.job
+            refusal = _not_held(job, moved, request.worker_id, actor)
+            if refusal is not None:
+                raise refusal
+        raise UpdateContention()
 
     def sweep(self) -> SweepOutcome:
         """Apply lease expiry to every expired lease, then retention, in
-        bounded batches (each its own short transaction)."""
+        bounded batches (each its own short statement or transaction)."""
         failed = released = deleted = 0
         for _ in range(MAX_RETENTION_BATCHES):
             outcome = self.repository.sweep_leases(self.clock())
@@ -415,7 +452,7 @@ class JobService:
         if self.retention_days is not None:
             cutoff = self.clock() - timedelta(days=self.retention_days)
             for _ in range(MAX_RETENTION_BATCHES):
-                batch = self.repository.delete_finished(cutoff)
+                batch = self.repository.delete_finished(cutoff, FINISHED)
                 deleted += batch
                 if not batch:
                     break
@@ -432,11 +469,11 @@ class JobService:
         """Move a job along the state machine.
 
         `if_match` holds the versions the client accepts (None: any). The move
-        is one conditional UPDATE whose WHERE clause is the state machine (and
-        If-Match), so a concurrent change is never overwritten. Only when it
-        changes nothing is the job read again, to say why: 404, 412, 409, or
-        nothing to change; if it changed in between, the move is tried again
-        against its new state.
+        is one conditional UPDATE whose WHERE clause is the state machine, the
+        lease's holder and If-Match, so a concurrent change is never
+        overwritten. When it changes nothing, the job as it stood says why:
+        404, 412, 409, or nothing to change (the finishing request repeated);
+        if it changed in between, the move is tried again against its new state.
         """
         uid = _parse_id(job_id)
         target = data.status
@@ -447,72 +484,67 @@ class JobService:
                 if data.retry_in_seconds is None
                 else now + timedelta(seconds=data.retry_in_seconds)
             )
-            updated = self.repository.transition(
+            moved = self.repository.transition(
                 uid,
                 target=target,
-                error_message=data.error_message,
                 sources=SOURCES[target],
-                versions=if_match,
                 finished=target in FINISHED,
                 now=now,
-                worker_id=data.worker_id,
+                error_message=data.error_message,
+                versions=if_match,
+                # A move to processing makes the caller the holder, as a claim would.
+                worker_id=data.worker_id or actor or ANONYMOUS_HOLDER,
+                check_worker=data.worker_id is not None,
+                lease_until=now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
                 result=data.result,
                 run_at=run_at,
-                lease_until=now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
                 actor=actor,
-                detail=self._detail(data, run_at),
             )
-            if updated is not None:
-                job, moved = updated
-                if moved:
-                    self.on_status_change(job.status)
-                return job
-            job = self.repository.get(uid)
-            if job is None:
-                raise JobNotFound(job_id)
-            if if_match is not None and job.version not in if_match:
-                raise VersionMismatch(job.version)
-            if (
-                data.worker_id is not None
-                and job.status == JobStatus.PROCESSING
-                and data.worker_id != job.worker_id
-            ):
-                raise NotLeaseHolder(
-                    f"The job's lease is held by another worker, not {data.worker_id!r}"
-                )
-            if target == job.status:
-                if data.retry_in_seconds is not None:
-                    raise RetryNotAllowed(job.status)
-                if not self._anything_to_change(job, data):
-                    return job
-            elif target not in TRANSITIONS[job.status]:
-                raise InvalidTransition(job.status, target)
+            if moved.changed:
+                if moved.old_status != target:
+                    self.on_status_change(target)
+                return moved.job
+            unchanged = self._unchanged(job_id, moved, data, if_match, actor)
+            if unchanged is not None:
+                return unchanged
         raise UpdateContention()
 
     @staticmethod
-    def _anything_to_change(job: Job, data: JobUpdate) -> bool:
-        """Whether a PATCH to the job's own status still changes something."""
-        return data.error_message != job.error_message or (
-            data.result is not None and data.result != job.result
-        )
-
-    @staticmethod
-    def _detail(data: JobUpdate, run_at: datetime | None) -> dict[str, object] | None:
-        detail: dict[str, object] = {}
-        if data.error_message is not None:
-            detail["error_message"] = data.error_message
-        if run_at is not None:
-            detail["run_at"] = iso(run_at)
-            detail["retry_in_seconds"] = data.retry_in_seconds
-        return detail or None
-
-    def _after(self, job: Job) -> datetime:
-        """Now, but strictly after the job's last change, whatever the clock says."""
-        return max(self.clock(), job.updated_at + ONE_MICROSECOND)
+    def _unchanged(
+        job_id: str,
+        moved: Moved,
+        data: JobUpdate,
+        if_match: frozenset[int] | None,
+        actor: str | None,
+    ) -> Job | None:
+        """Why a PATCH changed nothing: raises the refusal, or returns the job
+        when there was nothing to change; None: nothing refuses it now."""
+        job = moved.job
+        if job is None:
+            raise JobNotFound(job_id)
+        target = data.status
+        if job.status in FINISHED:
+            if _same_finish(job, data):
+                return job
+            raise JobFinished(job.status)
+        if if_match is not None and job.version not in if_match:
+            raise VersionMismatch(job.version)
+        if job.status == JobStatus.PROCESSING:
+            refusal = _not_held(job, moved, data.worker_id, actor)
+            if refusal is not None:
+                raise refusal
+        if target == job.status:
+            if data.retry_in_seconds is not None:
+                raise RetryNotAllowed(job.status)
+            if data.error_message == job.error_message:
+                return job
+        elif target not in TRANSITIONS[job.status]:
+            raise InvalidTransition(job.status, target)
+        return None
 
     def claim(self, request: ClaimRequest, *, actor: str | None = None) -> ClaimOutcome:
         """Claim up to `limit` due jobs, each with a lease of `lease_seconds`;
-        expired leases are swept first, in the same transaction. The outcome
+        expired leases are swept first, in the same statement. The outcome
         says how many leases that sweep expired (for the LeasesExpired metric)."""
         now = self.clock()
         return self.repository.claim(

@@ -1,0 +1,580 @@
+"""How a write runs on each database: the one seam between SQLite and PostgreSQL.
+
+A write is described once, as data (repository.py): the jobs it picks, the
+values it gives them (expressions over the row as it was), and the events it
+records (expressions over the row before and after). A driver renders that
+description, and the repository chooses its driver once, by URL:
+
+- PostgreSQL: ONE statement of data-modifying CTEs (the rows picked `FOR
+  UPDATE` in a MATERIALIZED CTE, the UPDATE, one INSERT of all the events),
+  run in autocommit: one round trip, concurrency settled by row locks.
+- SQLite: the same SELECT, INSERT and UPDATE as steps of one `BEGIN
+  IMMEDIATE` transaction, whose write lock serialises writers.
+
+Both evaluate the same expressions. Where the SQL itself must differ
+(GREATEST or a registered function, json_build_object or json_object,
+`= ANY(array)` or `IN json_each`), the difference is one compiled function
+below.
+"""
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import cache
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Integer,
+    Select,
+    String,
+    Text,
+    TypeDecorator,
+    bindparam,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.functions import FunctionElement
+
+from database import prepared
+from db_models import EVENTS, JOBS, UTCDateTime
+from models import EventType
+
+# --- SQL that differs by database ----------------------------------------------
+
+
+class strictly_after(FunctionElement):
+    """`max(now, earlier + 1 µs)`: a change's timestamp, strictly after the
+    last one whatever the clock says, computed where the row is."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(strictly_after, "postgresql")
+def _strictly_after_postgresql(element, compiler, **kw):
+    now, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"GREATEST({now}, {earlier} + INTERVAL '1 microsecond')"
+
+
+@compiles(strictly_after, "sqlite")
+def _strictly_after_sqlite(element, compiler, **kw):
+    now, earlier = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"strictly_after({now}, {earlier})"  # see register_sqlite_functions
+
+
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DATETIME on SQLite
+
+
+def _sqlite_strictly_after(now: str | None, earlier: str | None) -> str | None:
+    if earlier is None:
+        return now
+    after = datetime.fromisoformat(earlier) + timedelta(microseconds=1)
+    if now is not None and datetime.fromisoformat(now) > after:
+        return now
+    return after.strftime(_SQLITE_DATETIME)
+
+
+def register_sqlite_functions(dbapi_connection: Any) -> None:
+    """The functions SQLite's side of this module calls (on every connection)."""
+    dbapi_connection.create_function(
+        "strictly_after", 2, _sqlite_strictly_after, deterministic=True
+    )
+
+
+class iso_text(FunctionElement):
+    """A timestamp as the API writes it: 2026-01-01T00:00:00.000000+00:00."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(iso_text, "postgresql")
+def _iso_text_postgresql(element, compiler, **kw):
+    (value,) = (compiler.process(clause, **kw) for clause in element.clauses)
+    return (
+        f"""to_char(timezone('UTC', {value}), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+    )
+
+
+@compiles(iso_text, "sqlite")
+def _iso_text_sqlite(element, compiler, **kw):
+    # Stored as naive UTC, always with six fractional digits (_SQLITE_DATETIME).
+    (value,) = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"(replace({value}, ' ', 'T') || '+00:00')"
+
+
+class _json_object(FunctionElement):
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(_json_object, "postgresql")
+def _json_object_postgresql(element, compiler, **kw):
+    return f"json_build_object({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_json_object, "sqlite")
+def _json_object_sqlite(element, compiler, **kw):
+    return f"json_object({compiler.process(element.clauses, **kw)})"
+
+
+def json_object(fields: Mapping[str, Any]) -> Any:
+    """A JSON object built where the row is; NULL when it has no fields.
+    Timestamps are written as the API writes them."""
+    if not fields:
+        return null()
+    arguments: list[Any] = []
+    for name, value in fields.items():
+        if isinstance(getattr(value, "type", None), UTCDateTime):
+            value = iso_text(value)
+        arguments += [literal(name), value]
+    return _json_object(*arguments)
+
+
+class ListOf(TypeDecorator[list]):
+    """A list bound as ONE parameter, however long: an array on PostgreSQL,
+    JSON text on SQLite (read there with json_each). The statement is then
+    the same for every list, so it is compiled, and prepared, once."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, item_type: Any) -> None:
+        super().__init__()
+        self.item_type = item_type
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(self.item_type))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if dialect.name == "postgresql" or value is None:
+            return value
+        item = self.item_type.dialect_impl(dialect).bind_processor(dialect)
+        return json.dumps([item(v) if item else v for v in value])
+
+
+class one_of(FunctionElement):
+    """`column` is one of the values of a `ListOf` parameter."""
+
+    type = Integer()  # a condition; the type is never read
+    inherit_cache = True
+
+
+@compiles(one_of, "postgresql")
+def _one_of_postgresql(element, compiler, **kw):
+    column, values = element.clauses
+    array = compiler.dialect.type_compiler_instance.process(
+        values.type.load_dialect_impl(compiler.dialect)
+    )
+    return (
+        f"{compiler.process(column, **kw)} = "
+        f"ANY(CAST({compiler.process(values, **kw)} AS {array}))"
+    )
+
+
+@compiles(one_of, "sqlite")
+def _one_of_sqlite(element, compiler, **kw):
+    column, values = element.clauses
+    return (
+        f"{compiler.process(column, **kw)} IN "
+        f"(SELECT value FROM json_each({compiler.process(values, **kw)}))"
+    )
+
+
+# --- What a write is ---------------------------------------------------------
+
+
+class Row:
+    """A job's columns by name, over some selectable (the table, a CTE), with
+    some of them replaced by expressions: the row after a change is the row
+    before with the change's values."""
+
+    def __init__(self, columns: Any, replaced: Mapping[str, Any] | None = None):
+        self._columns = columns
+        self._replaced = {
+            name: value if isinstance(value, ClauseElement) else literal(value)
+            for name, value in (replaced or {}).items()
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._replaced:
+            return self._replaced[name]
+        return self._columns[name]
+
+
+class _NoRow:
+    """The row before a job existed: every column NULL."""
+
+    def __getattr__(self, name: str) -> Any:
+        return null()
+
+
+NO_ROW = _NoRow()
+Expressions = Callable[[Row], Mapping[str, Any]]
+Conditions = Callable[[Row], Sequence[Any]]
+# The job a change to one job is about.
+JOB_ID = bindparam("job_id", type_=JOBS.c.id.type)
+
+
+def _none(_job: Row) -> Sequence[Any]:
+    return ()
+
+
+def _new_worker(_old: Row, new: Row) -> Any:
+    return new.worker_id
+
+
+def _no_detail(_old: Row, _new: Row) -> Mapping[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event kind: what a change records, as expressions over the job
+    before (`old`) and after (`new`), where `when` holds. From and to status
+    are the job's own unless given; its time is the job's new `updated_at`;
+    its actor is the change's."""
+
+    type: EventType
+    detail: Callable[[Row, Row], Mapping[str, Any]] = _no_detail
+    worker: Callable[[Row, Row], Any] = _new_worker
+    when: Callable[[Row, Row], Any] | None = None
+    from_status: str | None = None
+    to_status: str | None = None
+
+    def columns(self, old: Row, new: Row, actor: Any) -> list[Any]:
+        """The event's row, in the order of `EVENT_COLUMNS`."""
+        return [
+            new.id,
+            new.updated_at,
+            literal(self.type.value),
+            old.status if self.from_status is None else literal(self.from_status),
+            new.status if self.to_status is None else literal(self.to_status),
+            actor,
+            self.worker(old, new),
+            json_object(self.detail(old, new)),
+        ]
+
+
+EVENT_COLUMNS = [column.name for column in EVENTS.c if column.name != "seq"]
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Jobs to take: conditions, order and limit over the table.
+    `skip_locked`: pass rows another writer holds (a claim) rather than wait
+    for them (a change to one job, which must see its latest state)."""
+
+    where: Conditions
+    order_by: Conditions = _none
+    limit: Any = None
+    skip_locked: bool = False
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write to existing jobs: the jobs its picks select (with several
+    picks, the best `limit` of them all by `order_by`), the values they get,
+    who makes the change, and the events recorded for each. `one_job`: the change is to the job
+    `JOB_ID`, and a refusal returns the job as it stood."""
+
+    picks: tuple[Pick, ...]
+    values: Expressions
+    actor: Any
+    events: tuple[Event, ...] = ()
+    order_by: Conditions = _none
+    limit: Any = None
+    one_job: bool = False
+
+    def conditions(self, pick: Pick, job: Row) -> list[Any]:
+        by_id = [job.id == JOB_ID] if self.one_job else []
+        return [*by_id, *pick.where(job)]
+
+    def order(self, job: Row) -> Sequence[Any]:
+        """The order changed jobs come back in (and the best are picked by)."""
+        if len(self.picks) > 1:
+            return self.order_by(job)
+        return self.picks[0].order_by(job) or (job.seq,)
+
+
+@dataclass
+class Outcome:
+    """Per change, the changed jobs (each with `old_status`) in pick order;
+    for a change to one job that changed nothing, the job as it stood
+    (None: there is no such job)."""
+
+    changed: list[list[Mapping[str, Any]]]
+    current: Mapping[str, Any] | None = None
+
+
+class Driver(Protocol):
+    def run(
+        self, connection: Connection, changes: tuple[Change, ...], params: dict
+    ) -> Outcome:
+        """Run the changes, in order, with their events."""
+
+    def insert(
+        self, connection: Connection, events: tuple[Event, ...], values: dict
+    ) -> None:
+        """Insert a job (`values` by column name) with its events, whose
+        actor is the job's creator."""
+
+
+def driver_for(url: str) -> Driver:
+    return PostgresDriver() if url.startswith("postgresql") else SQLiteDriver()
+
+
+# --- PostgreSQL: one statement -------------------------------------------------
+
+# pg_advisory_xact_lock key that orders creates (see _pg_insert).
+CREATE_LOCK_ID = 0x45585431  # "EXT1"; migrations use "EXTR"
+
+
+class PostgresDriver:
+    def run(
+        self, connection: Connection, changes: tuple[Change, ...], params: dict
+    ) -> Outcome:
+        rows = connection.execute(_pg_changes(changes), params).mappings().all()
+        changed: list[list[Mapping[str, Any]]] = [[] for _ in changes]
+        current = None
+        for row in rows:
+            if row["part"] < 0:
+                current = row
+            else:
+                changed[row["part"]].append(row)
+        return Outcome(changed, None if any(changed) else current)
+
+    def insert(
+        self, connection: Connection, events: tuple[Event, ...], values: dict
+    ) -> None:
+        connection.execute(_pg_insert(events), values)
+
+
+def _pg_picked(change: Change, index: int) -> Any:
+    """The jobs the change takes, locked, as a MATERIALIZED CTE: evaluated
+    exactly once (as a plain subquery PostgreSQL may rescan it, locking more
+    rows than it returns)."""
+
+    def locked(pick: Pick) -> Select:
+        job = Row(JOBS.c)
+        query = select(JOBS).where(*change.conditions(pick, job))
+        query = query.order_by(*pick.order_by(job)).limit(pick.limit)
+        return query.with_for_update(skip_locked=pick.skip_locked)
+
+    if len(change.picks) == 1:
+        best = locked(change.picks[0])
+    else:
+        # Each pick through its own index, then the best of them all.
+        parts = [
+            locked(pick).cte(f"pick_{index}_{n}").prefix_with("MATERIALIZED")
+            for n, pick in enumerate(change.picks)
+        ]
+        candidates = union_all(*(select(part) for part in parts)).subquery()
+        best = (
+            select(candidates)
+            .order_by(*change.order_by(Row(candidates.c)))
+            .limit(change.limit)
+        )
+    return best.cte(f"picked_{index}").prefix_with("MATERIALIZED")
+
+
+@cache
+def _pg_changes(changes: tuple[Change, ...]) -> Select:
+    """Every change and all their events in one statement.
+
+    Every part sees the same snapshot, and the changes must pick disjoint
+    rows (no row can be updated twice in one statement). Each row returned
+    is a changed job with `part` (its change's index) and `old_status`; for
+    a change to one job, also the job as the snapshot shows it (`part` -1).
+    """
+    parts, events = [], []
+    for index, change in enumerate(changes):
+        picked = _pg_picked(change, index)
+        old = Row(picked.c)
+        new = Row(picked.c, change.values(old))
+        changed = (
+            update(JOBS)
+            .where(JOBS.c.seq == picked.c.seq)
+            .values(change.values(Row(JOBS.c)))
+            .returning(*JOBS.c, picked.c.status.label("old_status"))
+            .cte(f"changed_{index}")
+        )
+        position = func.row_number().over(order_by=change.order(Row(changed.c)))
+        parts.append(
+            select(literal(index).label("part"), position.label("position"), *changed.c)
+        )
+        for kind in change.events:
+            event = select(
+                literal(len(events)).label("kind"),
+                picked.c.seq.label("job_seq"),
+                *kind.columns(old, new, change.actor),
+            )
+            if kind.when is not None:
+                event = event.where(kind.when(old, new))
+            events.append(event)
+    if changes[0].one_job:
+        parts.append(
+            select(
+                literal(-1).label("part"),
+                literal(0).label("position"),
+                *JOBS.c,
+                null().label("old_status"),
+            ).where(JOBS.c.id == JOB_ID)
+        )
+    rows = (union_all(*parts) if len(parts) > 1 else parts[0]).subquery("rows")
+    query = select(rows).order_by(rows.c.part, rows.c.position)
+    if events:
+        every = union_all(*events).subquery("new_events")
+        recorded = insert(EVENTS).from_select(
+            EVENT_COLUMNS,
+            select(*list(every.c)[2:]).order_by(every.c.kind, every.c.job_seq),
+        )
+        query = query.add_cte(recorded.cte("events"))
+    return prepared(query)
+
+
+@cache
+def _pg_insert(events: tuple[Event, ...]) -> Any:
+    """The INSERT and its events in one statement. Creates take their place
+    in line before their `seq`, and keep it until they commit: so `seq` order
+    is commit order, and a cursor walk (a keyset on `seq`) can never pass a
+    job that commits later with a smaller one."""
+    in_line = select(func.pg_advisory_xact_lock(CREATE_LOCK_ID).label("in_line"))
+    columns = [column for column in JOBS.c if column.name != "seq"]
+    new_job = (
+        insert(JOBS)
+        .from_select(
+            [column.name for column in columns],
+            select(
+                *[bindparam(column.name, type_=column.type) for column in columns]
+            ).select_from(in_line.cte("in_line")),
+        )
+        .returning(*JOBS.c)
+        .cte("new_job")
+    )
+    new = Row(new_job.c)
+    recorded = union_all(
+        *(
+            select(*kind.columns(NO_ROW, new, new.created_by)).select_from(new_job)
+            for kind in events
+        )
+    )
+    return prepared(insert(EVENTS).from_select(EVENT_COLUMNS, recorded))
+
+
+# --- SQLite: steps under the write lock ----------------------------------------
+
+# The jobs a step of a change works on (SQLite).
+_PICKED = bindparam("picked", type_=ListOf(JOBS.c.seq.type))
+
+
+class SQLiteDriver:
+    def run(
+        self, connection: Connection, changes: tuple[Change, ...], params: dict
+    ) -> Outcome:
+        changed = []
+        for change in changes:
+            picked = connection.execute(_sqlite_pick(change), params).all()
+            if not picked:
+                changed.append([])
+                continue
+            step = {**params, "picked": [seq for seq, _ in picked]}
+            # The events first: they are computed from the jobs as they are.
+            for statement in _sqlite_events(change):
+                connection.execute(statement, step)
+            rows = connection.execute(_sqlite_update(change), step).mappings().all()
+            by_seq = {row["seq"]: row for row in rows}
+            changed.append(
+                [{**by_seq[seq], "old_status": status} for seq, status in picked]
+            )
+        current = None
+        if changes[0].one_job and not any(changed):
+            current = (
+                connection.execute(select(JOBS).where(JOBS.c.id == JOB_ID), params)
+                .mappings()
+                .first()
+            )
+        return Outcome(changed, current)
+
+    def insert(
+        self, connection: Connection, events: tuple[Event, ...], values: dict
+    ) -> None:
+        connection.execute(insert(JOBS), values)
+        for statement in _sqlite_insert_events(events):
+            connection.execute(statement, values)
+
+
+@cache
+def _sqlite_pick(change: Change) -> Select:
+    """The seq and status of each job the change takes, in order."""
+
+    def pick(pick: Pick) -> Select:
+        job = Row(JOBS.c)
+        query = select(JOBS).where(*change.conditions(pick, job))
+        return query.order_by(*pick.order_by(job)).limit(pick.limit)
+
+    if len(change.picks) == 1:
+        best = pick(change.picks[0]).subquery()
+    else:
+        parts = [select(pick(part).subquery()) for part in change.picks]
+        candidates = union_all(*parts).subquery()
+        best = (
+            select(candidates)
+            .order_by(*change.order_by(Row(candidates.c)))
+            .limit(change.limit)
+            .subquery()
+        )
+    return select(best.c.seq, best.c.status).order_by(*change.order(Row(best.c)))
+
+
+@cache
+def _sqlite_events(change: Change) -> list[Any]:
+    old = Row(JOBS.c)
+    new = Row(JOBS.c, change.values(old))
+    statements = []
+    for kind in change.events:
+        rows = select(*kind.columns(old, new, change.actor)).where(
+            one_of(JOBS.c.seq, _PICKED)
+        )
+        if kind.when is not None:
+            rows = rows.where(kind.when(old, new))
+        statements.append(
+            insert(EVENTS).from_select(EVENT_COLUMNS, rows.order_by(JOBS.c.seq))
+        )
+    return statements
+
+
+@cache
+def _sqlite_update(change: Change) -> Any:
+    return (
+        update(JOBS)
+        .where(one_of(JOBS.c.seq, _PICKED))
+        .values(change.values(Row(JOBS.c)))
+        .returning(*JOBS.c)
+    )
+
+
+@cache
+def _sqlite_insert_events(events: tuple[Event, ...]) -> list[Any]:
+    new = Row(JOBS.c)
+    return [
+        insert(EVENTS).from_select(
+            EVENT_COLUMNS,
+            select(*kind.columns(NO_ROW, new, new.created_by)).where(
+                JOBS.c.id == bindparam("id", type_=JOBS.c.id.type)
+            ),
+        )
+        for kind in events
+    ]

@@ -265,7 +265,7 @@ def count(name: str, value: int = 1) -> None:
 class JobGauges:
     pending: int
     processing: int
-    oldest_pending_age_seconds: float
+    oldest_pending_age_seconds: float | None  # None: no job waits (as in /stats)
 
 
 def publish_job_gauges(gauges: JobGauges) -> None:
@@ -283,8 +283,9 @@ def publish_job_gauges(gauges: JobGauges) -> None:
         metrics = _emf()
         metrics.add_metric("PendingJobs", "Count", gauges.pending)
         metrics.add_metric("ProcessingJobs", "Count", gauges.processing)
+        # No job waiting is no age at all: the gauge reads 0, its floor.
         metrics.add_metric(
-            "OldestPendingAgeSeconds", "Seconds", gauges.oldest_pending_age_seconds
+            "OldestPendingAgeSeconds", "Seconds", gauges.oldest_pending_age_seconds or 0
         )
         metrics.flush_metrics()
 

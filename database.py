@@ -14,8 +14,10 @@ a single statement runs through `run()` in autocommit on PostgreSQL, so it
 is exactly one round trip (no BEGIN, no COMMIT, no pre-ping). A pooled
 connection is checked with `SELECT 1` only after it sat idle for longer than
 `DB_PING_AFTER_IDLE_S` (Lambda freezes environments between invocations, and
-a SnapStart restore brings back sockets that are long dead); a connection
-found dead mid-statement is replaced and the statement run once more.
+a SnapStart restore brings back sockets that are long dead), and one the
+server has closed meanwhile is noticed without a round trip (its socket is
+readable); a connection found dead mid-statement is replaced, and a read
+run once more on a new one (never a write: see `run`).
 The hot statements run as server-side prepared statements, prepared in the
 round trip of their first use on each connection (see `prepared()`).
 """
@@ -23,12 +25,12 @@ round trip of their first use on each connection (see `prepared()`).
 import hashlib
 import logging
 import re
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,6 +122,9 @@ def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
         returned_at = record.info.pop(_RETURNED_AT, None)
         if returned_at is None:
             return
+        if _closed_by_server(dbapi_connection):
+            logger.info("pooled connection was closed by the server; replacing it")
+            raise DisconnectionError("closed by the server while pooled")
         idle = max(time.monotonic() - returned_at[0], time.time() - returned_at[1])
         if idle <= idle_seconds:
             return
@@ -133,6 +138,16 @@ def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
         except Exception as error:
             logger.info("pooled connection idle %.0f s was dead: %s", idle, error)
             raise DisconnectionError(str(error)) from error
+
+
+def _closed_by_server(dbapi_connection) -> bool:
+    """Whether an idle connection has something to read: the server's FATAL
+    message and end of stream when it ended the session (a restart, a
+    failover, pg_terminate_backend). An idle session is sent nothing else
+    (no LISTEN, no SET). A poll, not a round trip: about a microsecond."""
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _postgres_engine(url: str) -> Engine:
@@ -358,20 +373,6 @@ def _run_prepared(engine: Engine) -> None:
         return True
 
 
-_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DATETIME on SQLite
-
-
-def _sqlite_strictly_after(now: str | None, earlier: str | None) -> str | None:
-    """SQLite's `strictly_after(now, earlier)`: max(now, earlier + 1 µs), on
-    naive-UTC timestamps as SQLAlchemy stores them (see repository.py)."""
-    if earlier is None:
-        return now
-    after = datetime.fromisoformat(earlier) + timedelta(microseconds=1)
-    if now is not None and datetime.fromisoformat(now) > after:
-        return now
-    return after.strftime(_SQLITE_DATETIME)
-
-
 def _sqlite_engine(url: str) -> Engine:
     in_memory = make_url(url).database in (None, "", ":memory:")
     engine = create_engine(
@@ -391,9 +392,9 @@ def _sqlite_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.close()
-        dbapi_connection.create_function(
-            "strictly_after", 2, _sqlite_strictly_after, deterministic=True
-        )
+        from drivers import register_sqlite_functions  # drivers imports this module
+
+        register_sqlite_functions(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
@@ -552,10 +553,10 @@ def _unavailable_as_domain_error() -> Iterator[None]:
         raise DatabaseUnavailable(str(cause)) from error
 
 
-def _run_once_more_if_dropped(work: Callable[[], T]) -> T:
-    """Run `work`; if its connection turns out dead (a server restart or
-    failover, a connection restored from a snapshot), run it once more on a
-    fresh one. The pool has already discarded the dead connection then."""
+def _read_once_more_if_dropped(work: Callable[[], T]) -> T:
+    """Run `work`, a read; if its connection turns out dead (a server restart
+    or failover, a connection restored from a snapshot), run it once more on
+    a fresh one. The pool has already discarded the dead connection then."""
     try:
         return work()
     except DBAPIError as error:
@@ -569,8 +570,11 @@ def run(url: str, work: Callable[[Connection], T], *, write: bool = False) -> T:
     """`work(connection)` for ONE statement: autocommit on PostgreSQL (one
     round trip, nothing else), a short transaction on SQLite.
 
-    `write` takes SQLite's write lock up front. Several statements that must
-    hold together belong in `transaction()`, not here.
+    `write` takes SQLite's write lock up front, and is never sent twice: if
+    the connection drops, the server may have run it already (a claim would
+    take a second batch, a create make a second job), so the caller gets
+    `DatabaseUnavailable` (503). A read is run once more on a new connection.
+    Several statements that must hold together belong in `transaction()`.
     """
     database = _database(url)
     sqlite_writer = write and database.is_sqlite
@@ -585,7 +589,7 @@ def run(url: str, work: Callable[[Connection], T], *, write: bool = False) -> T:
 
     with _unavailable_as_domain_error():
         database.ensure_schema()
-        return _run_once_more_if_dropped(attempt)
+        return attempt() if write else _read_once_more_if_dropped(attempt)
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from main import _parse_if_match
+from http_plumbing import parse_if_match as _parse_if_match
 
 
 def create(client) -> dict:

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 import database
 import lambda_handler
+from drivers import CREATE_LOCK_ID
 from main import create_app
-from repository import CREATE_LOCK_ID
 
 
 @pytest.fixture

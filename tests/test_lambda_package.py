@@ -30,20 +30,7 @@ from db_models import SCHEMA_REVISIONS
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 LAMBDA_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine())
-APP_MODULES = {
-    "main.py",
-    "auth.py",
-    "database.py",
-    "db_models.py",
-    "models.py",
-    "repository.py",
-    "schemas.py",
-    "service.py",
-    "lambda_handler.py",
-    "observability.py",
-    "settings.py",
-    "migration.py",
-} | {  # Alembic's environment and revisions
+APP_MODULES = {path.name for path in ROOT.glob("*.py")} | {  # and Alembic's
     path.relative_to(ROOT).as_posix() for path in (ROOT / "migrations").rglob("*.py")
 }
 NEVER_PACKAGED = ("pytest", "_pytest", "uvicorn", "ruff", "boto3", "botocore", "moto")

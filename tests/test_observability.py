@@ -27,7 +27,7 @@ import database
 import lambda_handler
 import observability
 import settings
-from db_models import ExtractionJob
+from db_models import JOBS
 from main import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,13 +453,13 @@ def test_sweep_event_publishes_the_queue_gauges_after_sweeping(
     hour_ago = datetime.now(UTC) - timedelta(hours=1)
     with database.get_engine(database.normalize_url(database_url)).begin() as conn:
         conn.execute(
-            update(ExtractionJob)
-            .where(ExtractionJob.id == uuid.UUID(ids[0]))
+            update(JOBS)
+            .where(JOBS.c.id == uuid.UUID(ids[0]))
             .values(created_at=hour_ago)
         )
         conn.execute(
-            update(ExtractionJob)
-            .where(ExtractionJob.id == uuid.UUID(lapsed))
+            update(JOBS)
+            .where(JOBS.c.id == uuid.UUID(lapsed))
             .values(lease_expires_at=hour_ago)
         )
     capsys.readouterr()

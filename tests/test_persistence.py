@@ -22,11 +22,18 @@ from sqlalchemy import inspect, text
 from sqlalchemy.dialects import postgresql
 
 import database
+import drivers
+import repository
 from main import create_app
 from models import JobStatus
-from repository import claim_statement, list_query
 
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/test"
+
+
+def bound_list(document_id, status):
+    """The list statement with its values bound, as the repository runs it."""
+    statement, params = repository.list_query(document_id, status, 10, 0)
+    return statement.params(**params)
 
 
 def test_jobs_survive_a_restart(make_client):
@@ -272,7 +279,7 @@ def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status):
     url = f"sqlite:///{tmp_path / 'plan.db'}"
     database.ensure_schema(url)
     engine = database.get_engine(url)
-    sql = _sql(list_query(document_id, status, 10, 0), engine)
+    sql = _sql(bound_list(document_id, status), engine)
     with engine.connect() as connection:
         plan = " ".join(
             row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
@@ -303,7 +310,7 @@ def _postgres_plan(url, statement):
 def test_postgres_list_queries_use_an_index(document_id, status):
     url = postgres_url()
     database.upgrade_schema(url)
-    plan = _postgres_plan(url, list_query(document_id, status, 10, 0))
+    plan = _postgres_plan(url, bound_list(document_id, status))
     assert "Seq Scan" not in plan, plan
     assert "Index" in plan, plan
 
@@ -312,7 +319,9 @@ def test_postgres_claim_uses_the_partial_pending_index():
     url = postgres_url()
     database.upgrade_schema(url)
     now = datetime.now(UTC)
-    plan = _postgres_plan(url, claim_statement("w", 5, now, now, None))
+    claim = drivers._pg_changes((repository.FAIL_EXHAUSTED, repository.CLAIM))
+    params = {"worker": "w", "limit": 5, "moment": now, "lease_until": now}
+    plan = _postgres_plan(url, claim.params(actor=None, **params))
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "ix_extraction_job_lease" in plan, plan  # the sweep in the same statement
     assert "LockRows" in plan, plan

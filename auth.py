@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 READ_SCOPE = "read:extraction-jobs"
 WRITE_SCOPE = "write:extraction-jobs"
+# Operators: cancel, retry, bulk actions, and changing a job another
+# subject holds.
+ADMIN_SCOPE = "admin:extraction-jobs"
 
 REALM = "extraction-jobs"
 ALGORITHM = "RS256"
@@ -76,6 +79,7 @@ class Principal:
     sub: str | None
     scopes: frozenset[str]
     azp: str | None = None  # the client application, for the request log
+    admin: bool = False  # may act as an operator (ADMIN_SCOPE, or no checks)
 
 
 @dataclass(frozen=True)
@@ -427,7 +431,8 @@ def _challenge(**params: str) -> dict[str, str]:
     return {"WWW-Authenticate": "Bearer " + ", ".join(fields)}
 
 
-ANONYMOUS = Principal(sub=None, scopes=frozenset())
+# With auth disabled every caller is this one, and may do everything.
+ANONYMOUS = Principal(sub=None, scopes=frozenset(), admin=True)
 
 
 class RequireScope(HTTPBearer):
@@ -500,4 +505,5 @@ class RequireScope(HTTPBearer):
             )
         if self.on_admit is not None:
             self.on_admit(principal.sub, principal.azp)
-        return principal
+        admin = not authenticator.require_scopes or ADMIN_SCOPE in principal.scopes
+        return replace(principal, admin=admin)

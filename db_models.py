@@ -109,7 +109,12 @@ Sequence = BigInteger().with_variant(Integer(), "sqlite")
 
 # The Alembic revisions in migrations/versions, oldest first; the last one is
 # the schema this code needs (a test keeps the two in step).
-SCHEMA_REVISIONS = ("0001_initial", "0002_job_lifecycle", "0003_one_write_path")
+SCHEMA_REVISIONS = (
+    "0001_initial",
+    "0002_job_lifecycle",
+    "0003_one_write_path",
+    "0004_job_control",
+)
 
 
 def status_in(statuses: Any) -> str:
@@ -164,20 +169,32 @@ JOBS = Table(
     # the holder), and the holder's last heartbeat.
     Column("lease_owner", String(255)),
     Column("heartbeat_at", UTCDateTime),
+    # Revision 0004: an operator's cancel request (see service.cancel).
+    Column("cancel_requested_at", UTCDateTime),
     CheckConstraint(status_in(JobStatus), name="ck_extraction_job_status"),
     CheckConstraint(
         f"priority BETWEEN {MIN_PRIORITY} AND {MAX_PRIORITY}",
         name="ck_extraction_job_priority",
     ),
     CheckConstraint("attempts >= 0", name="ck_extraction_job_attempts"),
-    # The list filters, each in creation order.
+    # The list filters, each in creation order; created_at is creation
+    # order too (see CREATE_CLOCK), so its index also finds where a time
+    # range starts in `seq`.
     Index("ix_extraction_job_document_id", "document_id", "seq"),
     Index("ix_extraction_job_status", "status", "seq"),
+    Index("ix_extraction_job_worker", "worker_id", "seq"),
+    Index("ix_extraction_job_created", "created_at", "seq"),
     # The claim query: pending jobs, most urgent first, then oldest.
     PartialIndex(
         "ix_extraction_job_pending_claim",
         text("priority DESC"),
         "seq",
+        where=_status_is(JobStatus.PENDING),
+    ),
+    # /stats: the longest-waiting due job.
+    PartialIndex(
+        "ix_extraction_job_pending_run_at",
+        "run_at",
         where=_status_is(JobStatus.PENDING),
     ),
     # The sweep: leases that ran out, and finished jobs past retention.
@@ -214,6 +231,17 @@ EVENTS = Table(
     Column("worker_id", String(255)),
     Column("detail", JSONDocument),
     Index("ix_extraction_job_event_job", "job_id", "seq"),
+)
+
+# One row: when the newest job was created. A create takes its row lock
+# (held to its commit) and its new `created_at` from it: creates commit one
+# at a time, in `seq` order, and `created_at` never goes back (whatever the
+# clocks of the instances say), so a time range is a range of `seq`.
+CREATE_CLOCK = Table(
+    "extraction_job_create_clock",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 # The key that signs list cursors unless `CURSOR_SECRET` is set: 32 random

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
     Connection,
     Integer,
     Select,
@@ -46,7 +47,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.functions import FunctionElement
 
 from database import prepared
-from db_models import EVENTS, JOBS, UTCDateTime
+from db_models import CREATE_CLOCK, EVENTS, JOBS, UTCDateTime
 from models import EventType
 
 # --- SQL that differs by database ----------------------------------------------
@@ -89,6 +90,24 @@ def register_sqlite_functions(dbapi_connection: Any) -> None:
     dbapi_connection.create_function(
         "strictly_after", 2, _sqlite_strictly_after, deterministic=True
     )
+
+
+class greatest(FunctionElement):
+    """The later of two timestamps."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(greatest, "postgresql")
+def _greatest_postgresql(element, compiler, **kw):
+    return f"GREATEST({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(greatest, "sqlite")
+def _greatest_sqlite(element, compiler, **kw):
+    # Stored as text of one fixed width (_SQLITE_DATETIME): max() compares it.
+    return f"max({compiler.process(element.clauses, **kw)})"
 
 
 class iso_text(FunctionElement):
@@ -139,6 +158,42 @@ def json_object(fields: Mapping[str, Any]) -> Any:
             value = iso_text(value)
         arguments += [literal(name), value]
     return _json_object(*arguments)
+
+
+class _estimated_count(FunctionElement):
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(_estimated_count, "postgresql")
+def _estimated_count_postgresql(element, compiler, **kw):
+    # What the planner believes, from the statistics ANALYZE (autovacuum)
+    # keeps: the value's share of the column's most common values times
+    # the table's row count. NULL before the first ANALYZE, or for a value
+    # too rare to be listed.
+    table, column, value = (
+        compiler.process(clause, **kw) for clause in element.clauses
+    )
+    return (
+        "(SELECT (s.most_common_freqs[array_position("
+        f"s.most_common_vals::text::text[], CAST({value} AS text))] "
+        "* c.reltuples)::bigint FROM pg_stats s JOIN pg_class c "
+        f"ON c.oid = CAST({table} AS regclass) WHERE s.schemaname = current_schema() "
+        f"AND s.tablename = {table} AND s.attname = {column})"
+    )
+
+
+@compiles(_estimated_count, "sqlite")
+def _estimated_count_sqlite(element, compiler, **kw):
+    return "NULL"  # SQLite keeps no such statistics: counts stay exact
+
+
+def estimated_count(column: Any, value: str) -> Any:
+    """The database's estimate of how many rows have `column = value`, or
+    NULL where it has none."""
+    return _estimated_count(
+        literal(column.table.name), literal(column.name), literal(value)
+    )
 
 
 class ListOf(TypeDecorator[list]):
@@ -309,6 +364,53 @@ class Change:
         return self.picks[0].order_by(job) or (job.seq,)
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A create: the new job's values are its parameters (by column name),
+    but for those `stamped` gives from its new `created_at`, which the
+    create clock hands out (db_models.CREATE_CLOCK); its events' actor is
+    its creator."""
+
+    stamped: Callable[[Row, Any], Mapping[str, Any]]
+    events: tuple[Event, ...]
+
+    def columns(self, created_at: Any) -> list[Any]:
+        """The new row's values, for every column but `seq`."""
+        given = Row({name: _given(name) for name in _NEW})
+        stamped = self.stamped(given, created_at)
+        return [stamped.get(name, getattr(given, name)) for name in _NEW]
+
+
+def _given(name: str) -> Any:
+    # Not named like the column: an UPDATE in the same statement (the clock's)
+    # would take a parameter named like one of its columns as a value to SET.
+    return bindparam(f"given_{name}", type_=JOBS.c[name].type)
+
+
+def given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A new job's column values as the parameters of `NewJob.columns`,
+    and the time the create clock is moved on to."""
+    return {
+        **{f"given_{name}": value for name, value in values.items()},
+        "now": values["created_at"],
+    }
+
+
+# The columns a create sets: all but the database's counter.
+_NEW = [column.name for column in JOBS.c if column.name != "seq"]
+# The create clock, moved on to the new job's time (a parameter of its own:
+# one named like a column would be one more value for the UPDATE to SET).
+_TICK = (
+    update(CREATE_CLOCK)
+    .values(
+        created_at=greatest(
+            CREATE_CLOCK.c.created_at, bindparam("now", type_=UTCDateTime())
+        )
+    )
+    .returning(CREATE_CLOCK.c.created_at)
+)
+
+
 @dataclass
 class Outcome:
     """Per change, the changed jobs (each with `old_status`) in pick order;
@@ -326,10 +428,10 @@ class Driver(Protocol):
         """Run the changes, in order, with their events."""
 
     def insert(
-        self, connection: Connection, events: tuple[Event, ...], values: dict
-    ) -> None:
-        """Insert a job (`values` by column name) with its events, whose
-        actor is the job's creator."""
+        self, connection: Connection, new_job: NewJob, values: dict
+    ) -> Mapping[str, Any]:
+        """Insert a job (`values` by column name) with its events; returns
+        the stored row."""
 
 
 def driver_for(url: str) -> Driver:
@@ -337,9 +439,6 @@ def driver_for(url: str) -> Driver:
 
 
 # --- PostgreSQL: one statement -------------------------------------------------
-
-# pg_advisory_xact_lock key that orders creates (see _pg_insert).
-CREATE_LOCK_ID = 0x45585431  # "EXT1"; migrations use "EXTR"
 
 
 class PostgresDriver:
@@ -357,9 +456,9 @@ class PostgresDriver:
         return Outcome(changed, None if any(changed) else current)
 
     def insert(
-        self, connection: Connection, events: tuple[Event, ...], values: dict
-    ) -> None:
-        connection.execute(_pg_insert(events), values)
+        self, connection: Connection, new_job: NewJob, values: dict
+    ) -> Mapping[str, Any]:
+        return connection.execute(_pg_insert(new_job), given(values)).mappings().one()
 
 
 def _pg_picked(change: Change, index: int) -> Any:
@@ -446,32 +545,28 @@ def _pg_changes(changes: tuple[Change, ...]) -> Select:
 
 
 @cache
-def _pg_insert(events: tuple[Event, ...]) -> Any:
-    """The INSERT and its events in one statement. Creates take their place
-    in line before their `seq`, and keep it until they commit: so `seq` order
-    is commit order, and a cursor walk (a keyset on `seq`) can never pass a
-    job that commits later with a smaller one."""
-    in_line = select(func.pg_advisory_xact_lock(CREATE_LOCK_ID).label("in_line"))
-    columns = [column for column in JOBS.c if column.name != "seq"]
-    new_job = (
+def _pg_insert(new_job: NewJob) -> Any:
+    """The create clock's tick, the INSERT and its events in one statement.
+    The clock's row lock is held to the commit: creates commit one at a
+    time, each taking its `seq` after the one before committed, so `seq`
+    order is commit order and a cursor walk (a keyset on `seq`) can never
+    pass a job that commits later with a smaller one."""
+    clock = _TICK.cte("clock")
+    inserted = (
         insert(JOBS)
-        .from_select(
-            [column.name for column in columns],
-            select(
-                *[bindparam(column.name, type_=column.type) for column in columns]
-            ).select_from(in_line.cte("in_line")),
-        )
+        .from_select(_NEW, select(*new_job.columns(clock.c.created_at)))
         .returning(*JOBS.c)
         .cte("new_job")
     )
-    new = Row(new_job.c)
+    new = Row(inserted.c)
     recorded = union_all(
         *(
-            select(*kind.columns(NO_ROW, new, new.created_by)).select_from(new_job)
-            for kind in events
+            select(*kind.columns(NO_ROW, new, new.created_by)).select_from(inserted)
+            for kind in new_job.events
         )
     )
-    return prepared(insert(EVENTS).from_select(EVENT_COLUMNS, recorded))
+    events = insert(EVENTS).from_select(EVENT_COLUMNS, recorded).cte("events")
+    return prepared(select(inserted).add_cte(events))
 
 
 # --- SQLite: steps under the write lock ----------------------------------------
@@ -509,11 +604,14 @@ class SQLiteDriver:
         return Outcome(changed, current)
 
     def insert(
-        self, connection: Connection, events: tuple[Event, ...], values: dict
-    ) -> None:
-        connection.execute(insert(JOBS), values)
-        for statement in _sqlite_insert_events(events):
-            connection.execute(statement, values)
+        self, connection: Connection, new_job: NewJob, values: dict
+    ) -> Mapping[str, Any]:
+        params = given(values)
+        connection.execute(_TICK, {"now": params["now"]})
+        for statement in _sqlite_insert(new_job):
+            connection.execute(statement, params)
+        by_id = select(JOBS).where(JOBS.c.id == _given("id"))
+        return connection.execute(by_id, params).mappings().one()
 
 
 @cache
@@ -567,14 +665,20 @@ def _sqlite_update(change: Change) -> Any:
 
 
 @cache
-def _sqlite_insert_events(events: tuple[Event, ...]) -> list[Any]:
+def _sqlite_insert(new_job: NewJob) -> list[Any]:
+    """The INSERT, its time from the clock just moved on, then its events."""
+    stored = insert(JOBS).from_select(
+        _NEW, select(*new_job.columns(CREATE_CLOCK.c.created_at))
+    )
     new = Row(JOBS.c)
+    by_id = JOBS.c.id == _given("id")
     return [
-        insert(EVENTS).from_select(
-            EVENT_COLUMNS,
-            select(*kind.columns(NO_ROW, new, new.created_by)).where(
-                JOBS.c.id == bindparam("id", type_=JOBS.c.id.type)
-            ),
-        )
-        for kind in events
+        stored,
+        *(
+            insert(EVENTS).from_select(
+                EVENT_COLUMNS,
+                select(*kind.columns(NO_ROW, new, new.created_by)).where(by_id),
+            )
+            for kind in new_job.events
+        ),
     ]

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import (
     APIRouter,
+    Depends,
     FastAPI,
     Header,
     Query,
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import observability
 from auth import (
+    ADMIN_SCOPE,
     READ_SCOPE,
     WRITE_SCOPE,
     Principal,
@@ -46,15 +48,24 @@ from http_plumbing import (
 )
 from models import (
     MAX_DOCUMENT_ID_LENGTH,
+    MAX_WORKER_ID_LENGTH,
+    BulkOutcome,
+    BulkRequest,
+    CancelRequest,
     ClaimRequest,
     Health,
     HeartbeatRequest,
+    Instant,
     Job,
     JobCreate,
     JobEvent,
+    JobFilter,
     JobStats,
     JobStatus,
     JobUpdate,
+    ListOrder,
+    ReleaseRequest,
+    RetryRequest,
     check_optional_text,
 )
 from repository import ExtractionJobRepository
@@ -110,6 +121,13 @@ Writer = Annotated[
     Security(
         RequireScope(WRITE_SCOPE, on_admit=observability.note_caller),
         scopes=[WRITE_SCOPE],
+    ),
+]
+Operator = Annotated[
+    Principal,
+    Security(
+        RequireScope(ADMIN_SCOPE, on_admit=observability.note_caller),
+        scopes=[ADMIN_SCOPE],
     ),
 ]
 
@@ -203,16 +221,11 @@ async def job_stats(request: Request, _: Reader) -> JobStats:
     return await in_thread(get_service(request).stats)
 
 
-@router.get(
-    "",
-    response_model=list[Job],
-    summary="List jobs in creation order",
-    responses=errors(422, *COMMON_ERRORS),
-)
-async def list_jobs(
-    request: Request,
-    response: Response,
-    _: Reader,
+def job_filter(
+    status: Annotated[
+        list[JobStatus] | None,
+        Query(description="Repeat for several: ?status=failed&status=cancelled."),
+    ] = None,
     document_id: Annotated[
         str | None,
         Query(
@@ -220,7 +233,46 @@ async def list_jobs(
         ),
         AfterValidator(check_optional_text),
     ] = None,
-    status: Annotated[JobStatus | None, Query()] = None,
+    created_after: Annotated[
+        Instant | None,
+        Query(description="Created at or after this instant (RFC 3339, with offset)."),
+    ] = None,
+    created_before: Annotated[
+        Instant | None,
+        Query(description="Created before this instant (RFC 3339, with offset)."),
+    ] = None,
+    worker_id: Annotated[
+        str | None,
+        Query(
+            min_length=1, max_length=MAX_WORKER_ID_LENGTH, description="Exact match."
+        ),
+        AfterValidator(check_optional_text),
+    ] = None,
+) -> JobFilter:
+    """The list's filters from its query, as bulk actions take them."""
+    return JobFilter(
+        status=tuple(dict.fromkeys(status)) if status else None,
+        document_id=document_id,
+        created_after=created_after,
+        created_before=created_before,
+        worker_id=worker_id,
+    )
+
+
+@router.get(
+    "",
+    response_model=list[Job],
+    summary="List jobs in creation order, or newest first",
+    responses=errors(422, *COMMON_ERRORS),
+)
+async def list_jobs(
+    request: Request,
+    response: Response,
+    _: Reader,
+    selection: Annotated[JobFilter, Depends(job_filter)],
+    order: Annotated[
+        ListOrder, Query(description="asc: oldest first; desc: newest first.")
+    ] = ListOrder.ASC,
     limit: Annotated[int, Query(ge=0, le=1000)] = 100,
     offset: Annotated[
         int, Query(ge=0, le=MAX_OFFSET, description="At most 10000; then use cursor.")
@@ -236,8 +288,8 @@ async def list_jobs(
 ) -> list[Job]:
     page = await in_thread(
         get_service(request).list_jobs,
-        document_id=document_id,
-        status=status,
+        selection,
+        order=order,
         limit=limit,
         offset=offset,
         cursor=cursor,
@@ -248,6 +300,19 @@ async def list_jobs(
         )
         response.headers["Link"] = f'<{following}>; rel="next"'
     return page.jobs
+
+
+@router.post(
+    "/bulk",
+    response_model=BulkOutcome,
+    summary="Cancel or retry every job a filter matches, 1000 a call",
+    dependencies=JSON_BODY,
+    responses=errors(413, 415, 422, *COMMON_ERRORS),
+)
+async def bulk_action(
+    data: BulkRequest, request: Request, principal: Operator
+) -> BulkOutcome:
+    return await in_thread(get_service(request).bulk, data, actor=principal.sub)
 
 
 @router.get(
@@ -312,6 +377,73 @@ async def job_events(
     return found.page.events
 
 
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job: pending at once, processing by asking its holder",
+    dependencies=JSON_BODY,
+    responses={
+        200: {"headers": ETAG},
+        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
+    },
+)
+async def cancel_job(
+    job_id: str,
+    data: CancelRequest,
+    request: Request,
+    response: Response,
+    principal: Operator,
+) -> Job:
+    job = await in_thread(
+        get_service(request).cancel, job_id, data, actor=principal.sub
+    )
+    return _etag(response, job)
+
+
+@router.post(
+    "/{job_id}/retry",
+    response_model=Job,
+    summary="Run a failed or cancelled job again, with a fresh allowance of attempts",
+    dependencies=JSON_BODY,
+    responses={
+        200: {"headers": ETAG},
+        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
+    },
+)
+async def retry_job(
+    job_id: str,
+    data: RetryRequest,
+    request: Request,
+    response: Response,
+    principal: Operator,
+) -> Job:
+    job = await in_thread(get_service(request).retry, job_id, data, actor=principal.sub)
+    return _etag(response, job)
+
+
+@router.post(
+    "/{job_id}/release",
+    response_model=Job,
+    summary="Give a held job back, and its attempt with it",
+    dependencies=JSON_BODY,
+    responses={
+        200: {"headers": ETAG},
+        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
+    },
+)
+async def release_job(
+    job_id: str,
+    data: ReleaseRequest,
+    request: Request,
+    response: Response,
+    principal: Writer,
+) -> Job:
+    job = await in_thread(
+        get_service(request).release, job_id, data, actor=principal.sub
+    )
+    return _etag(response, job)
+
+
 @router.patch(
     "/{job_id}",
     response_model=Job,
@@ -345,6 +477,7 @@ async def update_job(
         data,
         if_match=versions,
         actor=principal.sub,
+        admin=principal.admin,
     )
     return _etag(response, job)
 
@@ -358,11 +491,14 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
     outcome = service.sweep()
     counts = {
         "leases_failed": outcome.failed,
+        "leases_cancelled": outcome.cancelled,
         "leases_released": outcome.released,
         "jobs_deleted": outcome.deleted,
     }
     observability.logger.info("sweep", extra=counts)
-    observability.count("LeasesExpired", outcome.failed + outcome.released)
+    observability.count(
+        "LeasesExpired", outcome.failed + outcome.cancelled + outcome.released
+    )
     stats = service.stats()
     oldest_age = stats.oldest_pending_age_seconds
     observability.publish_job_gauges(
@@ -476,6 +612,7 @@ def _register_error_handlers(app: FastAPI) -> None:
 FINISHED_COUNTERS = {
     JobStatus.COMPLETED: "JobsCompleted",
     JobStatus.FAILED: "JobsFailed",
+    JobStatus.CANCELLED: "JobsCancelled",
 }
 
 

@@ -8,6 +8,7 @@ backend: behaviour must not depend on which database runs underneath.
 
 import math
 import re
+import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -39,6 +40,8 @@ DEFAULT_LEASE_SECONDS = 300
 MIN_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS = 1, 100
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_RETRY_IN_SECONDS = 86_400
+MAX_REASON_LENGTH = 1_000
+MAX_BULK_IDS = 1_000
 
 
 class JobStatus(StrEnum):
@@ -46,10 +49,11 @@ class JobStatus(StrEnum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 # Finished: final. Nothing changes such a job but an explicit retry.
-FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 def check_text(value: str) -> str:
@@ -295,6 +299,151 @@ class HeartbeatRequest(BaseModel):
     )
 
 
+Reason = Annotated[
+    str | None,
+    StringConstraints(strict=True, max_length=MAX_REASON_LENGTH),
+    AfterValidator(check_optional_text),
+]
+
+
+class CancelRequest(BaseModel):
+    """Body of `POST /extraction-jobs/{id}/cancel`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"reason": "uploaded the wrong file"}]},
+    )
+
+    reason: Reason = Field(
+        default=None,
+        description=f"Why, at most {MAX_REASON_LENGTH} characters; kept in the history.",
+    )
+
+
+class RetryRequest(BaseModel):
+    """Body of `POST /extraction-jobs/{id}/retry`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"run_at": "2030-01-01T09:00:00Z"}]},
+    )
+
+    run_at: Instant | None = Field(
+        default=None, description="Not claimed before this instant; absent means now."
+    )
+    priority: Priority | None = Field(
+        default=None, description="A new priority, 0..10; absent keeps the job's."
+    )
+
+
+class ReleaseRequest(BaseModel):
+    """Body of `POST /extraction-jobs/{id}/release`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"worker_id": "ocr-worker-7"}]},
+    )
+
+    worker_id: WorkerId = Field(description="The lease holder giving the job back.")
+    retry_in_seconds: RetryInSeconds | None = Field(
+        default=None,
+        description=f"Not claimed again for 0..{MAX_RETRY_IN_SECONDS} seconds; "
+        "absent means at once.",
+    )
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class ListOrder(StrEnum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+class JobFilter(BaseModel):
+    """Which jobs: the list's filters, shared by `GET /extraction-jobs` and
+    bulk actions. Every filter given must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: Annotated[tuple[JobStatus, ...] | None, BeforeValidator(_one_or_many)] = (
+        Field(default=None, description="Any of these statuses (one, or a list).")
+    )
+    document_id: DocumentId | None = Field(default=None, description="Exact match.")
+    created_after: Instant | None = Field(
+        default=None, description="Created at or after this instant."
+    )
+    created_before: Instant | None = Field(
+        default=None, description="Created before this instant."
+    )
+    worker_id: WorkerId | None = Field(
+        default=None, description="Held, or last held, by this worker."
+    )
+
+    def is_empty(self) -> bool:
+        return all(value is None for value in self.model_dump().values())
+
+
+class BulkAction(StrEnum):
+    CANCEL = "cancel"
+    RETRY = "retry"
+
+
+class BulkRequest(BaseModel):
+    """Body of `POST /extraction-jobs/bulk`: an action on every job that
+    matches `filter` and `ids` (both optional, not both empty)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "action": "retry",
+                    "filter": {"status": ["failed"], "document_id": "batch-7.pdf"},
+                    "dry_run": True,
+                }
+            ]
+        },
+    )
+
+    action: BulkAction = Field(description="What to do to each matching job.")
+    filter: JobFilter = Field(default_factory=JobFilter)
+    ids: Annotated[list[uuid.UUID] | None, Field(max_length=MAX_BULK_IDS)] = Field(
+        default=None, description=f"At most {MAX_BULK_IDS} job ids."
+    )
+    dry_run: bool = Field(
+        default=False,
+        strict=True,
+        description="Count what would change; change nothing.",
+    )
+    reason: Reason = Field(
+        default=None, description="With action cancel: kept in each job's history."
+    )
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> "BulkRequest":
+        if self.filter.is_empty() and not self.ids:
+            raise ValueError(
+                "give a filter or ids: an empty selection would act on every job"
+            )
+        if self.reason is not None and self.action != BulkAction.CANCEL:
+            raise ValueError("reason is only allowed with action 'cancel'")
+        return self
+
+
+class BulkOutcome(BaseModel):
+    matched: int = Field(
+        description="Jobs that match and the action applies to, before this call "
+        "(counted up to 100000)."
+    )
+    changed: int = Field(description="Jobs this call changed (none on a dry run).")
+    dry_run: bool
+    more: bool = Field(
+        description="Matching jobs remain unchanged: send the same request again."
+    )
+
+
 # A failed job: every field has a value (FastAPI drops nulls from examples).
 JOB_EXAMPLE = {
     "id": "0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11",
@@ -315,6 +464,7 @@ JOB_EXAMPLE = {
     "run_at": "2026-11-27T04:11:59.123456+00:00",
     "lease_expires_at": "2026-11-27T04:17:33.500000+00:00",
     "heartbeat_at": "2026-11-27T04:12:33.500000+00:00",
+    "cancel_requested_at": "2026-11-27T04:12:40.000000+00:00",
     "result": {"pages_read": 2},
     "updated_by": "auth0|5f7c8ec7c33c6c004bbafe82",
 }
@@ -342,7 +492,7 @@ class Job(BaseModel):
     )
     started_at: Timestamp | None = Field(description="When it last entered processing.")
     finished_at: Timestamp | None = Field(
-        description="When it reached completed or failed."
+        description="When it finished: completed, failed or cancelled."
     )
     version: int = Field(description="Incremented on every change; sent as the ETag.")
     max_attempts: int = Field(description="Expired leases allowed before it fails.")
@@ -352,6 +502,10 @@ class Job(BaseModel):
     )
     heartbeat_at: Timestamp | None = Field(
         description="The holder's last heartbeat in this lease; null before the first."
+    )
+    cancel_requested_at: Timestamp | None = Field(
+        description="When an operator asked to cancel it: a processing job's holder "
+        "learns it from its heartbeat answer and should stop."
     )
     result: dict[str, Any] | None = Field(description="What a completed job produced.")
     updated_by: str | None = Field(
@@ -365,6 +519,11 @@ class EventType(StrEnum):
     CLAIMED = "claimed"
     COMPLETED = "completed"
     FAILED = "failed"
+    # An operator's cancel: of a pending job at once, of a processing one as
+    # a request its holder honours (from processing to processing), and the
+    # holder's own move to cancelled.
+    CANCELLED = "cancelled"
+    RETRIED = "retried"
     RELEASED = "released"
     LEASE_EXPIRED = "lease_expired"
     UPDATED = "updated"
@@ -398,8 +557,13 @@ StatusCounts = create_model(
 
 class JobStats(BaseModel):
     counts: StatusCounts
+    estimated: list[JobStatus] = Field(
+        description="The statuses whose count is the database's estimate (over "
+        "10000 jobs); every other count is exact."
+    )
     oldest_pending_age_seconds: float | None = Field(
-        description="Seconds since the oldest pending job was created; null when none."
+        description="Seconds the longest-waiting due job has waited, counted from "
+        "its run_at; null when no pending job is due."
     )
     expired_leases: int = Field(
         description="Processing jobs whose lease has run out, not yet swept or claimed."

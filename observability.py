@@ -241,7 +241,14 @@ class RequestObserver:
 # --- Metrics outside a request's own three ------------------------------------
 
 DOMAIN_COUNTERS = frozenset(
-    {"JobsCreated", "JobsClaimed", "JobsCompleted", "JobsFailed", "LeasesExpired"}
+    {
+        "JobsCreated",
+        "JobsClaimed",
+        "JobsCompleted",
+        "JobsFailed",
+        "JobsCancelled",
+        "LeasesExpired",
+    }
 )
 
 

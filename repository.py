@@ -11,7 +11,7 @@ clause, row locks, `SKIP LOCKED`), never by holding locks across calls.
 """
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cache
@@ -19,7 +19,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Connection,
     Integer,
     Select,
     String,
@@ -34,14 +33,37 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    union_all,
 )
 from sqlalchemy.exc import IntegrityError
 
 import drivers
 from database import database_url_from_env, ping, prepared, run, transaction
 from db_models import CURSOR_KEY, EVENTS, JOBS, JSONDocument, UTCDateTime
-from drivers import JOB_ID, Change, Event, ListOf, Pick, Row, one_of
-from models import EventType, Job, JobEvent, JobStats, JobStatus, StatusCounts
+from drivers import (
+    JOB_ID,
+    Change,
+    Event,
+    ListOf,
+    NewJob,
+    Pick,
+    Row,
+    estimated_count,
+    greatest,
+    one_of,
+    strictly_after,
+)
+from models import (
+    BulkAction,
+    EventType,
+    Job,
+    JobEvent,
+    JobFilter,
+    JobStats,
+    JobStatus,
+    ListOrder,
+    StatusCounts,
+)
 from schemas import job_from_row, to_event, to_values
 
 # Expired leases handled per claim (the rest wait for the next claim or the
@@ -50,11 +72,16 @@ SWEEP_BATCH = 100
 # Finished jobs deleted per retention transaction, and transactions per sweep.
 RETENTION_BATCH = 500
 MAX_RETENTION_BATCHES = 20
+# Jobs one bulk call changes, in one statement; and how far it counts.
+BULK_BATCH = 1_000
+MATCH_COUNT_CAP = 100_000
+# Counts per status are exact up to this; beyond it, the database's estimate.
+EXACT_COUNT_CAP = 10_000
 
 PENDING = JobStatus.PENDING.value
 PROCESSING = JobStatus.PROCESSING.value
-COMPLETED = JobStatus.COMPLETED.value
 FAILED = JobStatus.FAILED.value
+CANCELLED = JobStatus.CANCELLED.value
 
 # The parameters of the writes, by name: none is named like a column, which
 # an UPDATE would take as one more value to SET.
@@ -64,9 +91,15 @@ WORKER = bindparam("worker", type_=String)
 LEASE_UNTIL = bindparam("lease_until", type_=UTCDateTime())
 LIMIT = bindparam("limit", type_=Integer)
 MESSAGE = bindparam("message", type_=Text)
+REASON = bindparam("reason", type_=Text)
 RESULT = bindparam("new_result", type_=JSONDocument)
 RUN_AT = bindparam("new_run_at", type_=UTCDateTime())
+PRIORITY = bindparam("new_priority", type_=Integer)
 VERSIONS = bindparam("versions", type_=ListOf(BigInteger()))
+IDS = bindparam("ids", type_=ListOf(JOBS.c.id.type))
+# The cancel reason the sweep (or a claim) records when a lease runs out on
+# a job whose cancel was requested.
+LAPSED_ON_CANCEL = "the lease ran out after the cancel request"
 
 
 # --- The event kinds -----------------------------------------------------------
@@ -87,6 +120,11 @@ FAILED_EVENT = Event(
         "error_message": new.error_message,
         "attempts": new.attempts,
     },
+)
+CANCELLED_EVENT = Event(EventType.CANCELLED, detail=lambda old, new: {"reason": REASON})
+RETRIED_EVENT = Event(
+    EventType.RETRIED,
+    detail=lambda old, new: {"run_at": new.run_at, "priority": new.priority},
 )
 RELEASED = Event(
     EventType.RELEASED,
@@ -113,16 +151,17 @@ LEASE_EXPIRED = Event(
 UPDATED = Event(
     EventType.UPDATED, detail=lambda old, new: {"error_message": new.error_message}
 )
-# The event a move to each status records.
+# The event a PATCH's move to each status records.
 MOVED_TO = {
     JobStatus.PROCESSING: CLAIMED,
     JobStatus.COMPLETED: COMPLETED_EVENT,
     JobStatus.FAILED: FAILED_EVENT,
+    JobStatus.CANCELLED: CANCELLED_EVENT,
     JobStatus.PENDING: RELEASED,
 }
 
 
-# --- The writes ------------------------------------------------------------------
+# --- Conditions ------------------------------------------------------------------
 
 
 def expiry_message(attempts: Any) -> Any:
@@ -139,67 +178,120 @@ def held_by_caller(job: Row, with_worker: bool) -> Any:
     return and_(owner, job.worker_id == WORKER) if with_worker else owner
 
 
+def _cancel_requested(job: Row) -> Any:
+    return job.cancel_requested_at.is_not(None)
+
+
+def _lease_ran_out(job: Row) -> list[Any]:
+    return [job.status == PROCESSING, job.lease_expires_at <= MOMENT]
+
+
 def _lapsed(job: Row) -> list[Any]:
-    """Processing jobs whose lease ran out and that may be tried again."""
+    """Expired leases that may be tried again."""
     return [
-        job.status == PROCESSING,
-        job.lease_expires_at <= MOMENT,
+        *_lease_ran_out(job),
         job.attempts < job.max_attempts,
+        job.cancel_requested_at.is_(None),
     ]
 
 
 def _exhausted(job: Row) -> list[Any]:
-    """Processing jobs whose lease ran out with no attempts left."""
+    """Expired leases with no attempts left."""
     return [
-        job.status == PROCESSING,
-        job.lease_expires_at <= MOMENT,
+        *_lease_ran_out(job),
         job.attempts >= job.max_attempts,
+        job.cancel_requested_at.is_(None),
     ]
+
+
+def _lapsed_on_cancel(job: Row) -> list[Any]:
+    """Expired leases of jobs whose cancel was requested."""
+    return [*_lease_ran_out(job), _cancel_requested(job)]
 
 
 def _by_lease_expiry(job: Row) -> list[Any]:
     return [job.lease_expires_at]
 
 
-# Exhausted leases fail, with their `failed` event (the sweep's part of a claim).
+def _most_urgent(job: Row) -> list[Any]:
+    return [job.priority.desc(), job.seq]
+
+
+def _in_creation_order(job: Row) -> list[Any]:
+    return [job.seq]
+
+
+def _lapsed_leases(where: Callable[[Row], list[Any]], limit: Any) -> Pick:
+    return Pick(where, order_by=_by_lease_expiry, limit=limit, skip_locked=True)
+
+
+def _finished(job: Row, status: str, at: Any) -> dict[str, Any]:
+    """A job reaching a finished status at `at`: its lease gone."""
+    return {"status": status, "finished_at": at, "lease_expires_at": null()}
+
+
+def _changed(job: Row, at: Any, actor: Any = ACTOR) -> dict[str, Any]:
+    """What every change to a job sets: when, a new version, by whom."""
+    return {"updated_at": at, "version": job.version + 1, "updated_by": actor}
+
+
+def _unless_cancel_requested(job: Row, values: dict[str, Any], at: Any) -> dict:
+    """`values` send the job back to pending, its lease gone; a job whose
+    cancel was requested never runs again, so it is cancelled instead."""
+    requested = _cancel_requested(job)
+    return {
+        **values,
+        "status": case((requested, CANCELLED), else_=values["status"]),
+        "finished_at": case((requested, at), else_=values.get("finished_at", null())),
+    }
+
+
+def _back_or_cancelled(back: Event) -> tuple[Event, Event]:
+    """The events of a job sent back to pending by `back`, or cancelled."""
+    return (
+        replace(back, when=lambda old, new: old.cancel_requested_at.is_(None)),
+        replace(CANCELLED_EVENT, when=lambda old, new: _cancel_requested(old)),
+    )
+
+
+# --- The writes ------------------------------------------------------------------
+
+# The sweep's part of a claim (and the sweep itself): expired leases with no
+# attempts left fail; those of jobs whose cancel was requested are cancelled.
 FAIL_EXHAUSTED = Change(
-    picks=(
-        Pick(
-            _exhausted, order_by=_by_lease_expiry, limit=SWEEP_BATCH, skip_locked=True
-        ),
-    ),
+    picks=(_lapsed_leases(_exhausted, SWEEP_BATCH),),
     values=lambda job: {
-        "status": FAILED,
+        **_finished(job, FAILED, MOMENT),
+        **_changed(job, MOMENT, null()),
         "error_message": expiry_message(job.attempts),
-        "finished_at": MOMENT,
-        "updated_at": MOMENT,
-        "lease_expires_at": null(),
-        "version": job.version + 1,
-        "updated_by": null(),
     },
     actor=null(),
     events=(FAILED_EVENT,),
 )
-
+CANCEL_LAPSED = Change(
+    picks=(_lapsed_leases(_lapsed_on_cancel, SWEEP_BATCH),),
+    values=lambda job: {
+        **_finished(job, CANCELLED, MOMENT),
+        **_changed(job, MOMENT, null()),
+    },
+    actor=null(),
+    events=(CANCELLED_EVENT,),
+)
 # Lapsed leases go back to pending (the sweep's; a claim takes them directly).
 RELEASE_LAPSED = Change(
-    picks=(
-        Pick(_lapsed, order_by=_by_lease_expiry, limit=SWEEP_BATCH, skip_locked=True),
-    ),
+    picks=(_lapsed_leases(_lapsed, SWEEP_BATCH),),
     values=lambda job: {
         "status": PENDING,
         "lease_expires_at": null(),
         "run_at": MOMENT,
-        "updated_at": MOMENT,
-        "version": job.version + 1,
-        "updated_by": null(),
+        **_changed(job, MOMENT, null()),
     },
     actor=null(),
     events=(LEASE_EXPIRED,),
 )
 
 
-def _claimed_values(job: Row) -> dict[str, Any]:
+def _taken(job: Row, at: Any) -> dict[str, Any]:
     """A job taken by the caller, with a lease: by a claim, or by a PATCH."""
     return {
         "status": PROCESSING,
@@ -207,14 +299,10 @@ def _claimed_values(job: Row) -> dict[str, Any]:
         "lease_owner": ACTOR,
         "lease_expires_at": LEASE_UNTIL,
         "heartbeat_at": null(),
-        "started_at": MOMENT,
+        "started_at": at,
         "finished_at": null(),
         "attempts": job.attempts + 1,
     }
-
-
-def _most_urgent(job: Row) -> list[Any]:
-    return [job.priority.desc(), job.seq]
 
 
 # Due pending jobs and lapsed leases alike, each through its partial index,
@@ -227,30 +315,47 @@ CLAIM = Change(
             limit=LIMIT,
             skip_locked=True,
         ),
-        Pick(_lapsed, order_by=_by_lease_expiry, limit=LIMIT, skip_locked=True),
+        _lapsed_leases(_lapsed, LIMIT),
     ),
     order_by=_most_urgent,
     limit=LIMIT,
-    values=lambda job: {
-        **_claimed_values(job),
-        "updated_at": MOMENT,
-        "version": job.version + 1,
-        "updated_by": ACTOR,
-    },
+    values=lambda job: {**_taken(job, MOMENT), **_changed(job, MOMENT)},
     actor=ACTOR,
     events=(LEASE_EXPIRED, CLAIMED),
 )
+# What a claim and a sweep batch run, in this order.
+CLAIM_CHANGES = (FAIL_EXHAUSTED, CANCEL_LAPSED, CLAIM)
+SWEEP_CHANGES = (FAIL_EXHAUSTED, CANCEL_LAPSED, RELEASE_LAPSED)
 
 HEARTBEAT = Change(
     picks=(Pick(lambda job: [job.status == PROCESSING, held_by_caller(job, True)]),),
     values=lambda job: {
         "lease_expires_at": LEASE_UNTIL,
         "heartbeat_at": MOMENT,
-        "updated_at": drivers.strictly_after(MOMENT, job.updated_at),
-        "version": job.version + 1,
-        "updated_by": ACTOR,
+        **_changed(job, strictly_after(MOMENT, job.updated_at)),
     },
     actor=ACTOR,
+    one_job=True,
+)
+
+# The holder gives its job back: pending again, the attempt given back (or
+# cancelled, when its cancel was requested).
+RELEASE = Change(
+    picks=(Pick(lambda job: [job.status == PROCESSING, held_by_caller(job, True)]),),
+    values=lambda job: _unless_cancel_requested(
+        job,
+        {
+            "status": PENDING,
+            "attempts": job.attempts - 1,
+            "run_at": RUN_AT,
+            "lease_expires_at": null(),
+            "heartbeat_at": null(),
+            **_changed(job, strictly_after(MOMENT, job.updated_at)),
+        },
+        strictly_after(MOMENT, job.updated_at),
+    ),
+    actor=ACTOR,
+    events=_back_or_cancelled(RELEASED),
     one_job=True,
 )
 
@@ -262,13 +367,15 @@ def _transition(
     finished: bool,
     with_versions: bool,
     with_worker: bool,
+    override: bool,
     with_result: bool,
     with_run_at: bool,
 ) -> Change:
     """A PATCH: move one job to `target` from one of `sources`, or change
     its error message within a status that is not finished. A processing
-    job changes only for its holder (`held_by_caller`); `with_versions`,
-    only at a version If-Match named."""
+    job changes only for its holder (`held_by_caller`), unless `override`
+    (an admin naming no worker); `with_versions`, only at a version
+    If-Match named."""
     allowed = sorted(source.value for source in sources)
 
     def where(job: Row) -> list[Any]:
@@ -279,51 +386,163 @@ def _transition(
                 job.error_message.is_distinct_from(MESSAGE),
             )
             moves = or_(moves, same)
-        held = or_(job.status != PROCESSING, held_by_caller(job, with_worker))
-        conditions = [moves, held]
+        conditions = [moves]
+        if not override:
+            conditions.append(
+                or_(job.status != PROCESSING, held_by_caller(job, with_worker))
+            )
         if with_versions:
             conditions.append(one_of(job.version, VERSIONS))
         return conditions
 
     def values(job: Row) -> dict[str, Any]:
         moving = job.status != target.value
-        changed_at = drivers.strictly_after(MOMENT, job.updated_at)
+        at = strictly_after(MOMENT, job.updated_at)
         new: dict[str, Any] = {
             "status": target.value,
             "error_message": MESSAGE,
-            "updated_at": changed_at,
-            "finished_at": changed_at if finished else null(),
+            "finished_at": at if finished else null(),
             "lease_expires_at": null(),
-            "version": job.version + 1,
-            "updated_by": ACTOR,
+            **_changed(job, at),
         }
         if target == JobStatus.PROCESSING:
             # Taken by hand rather than claimed: the caller holds it, leased.
-            taken = {**_claimed_values(job), "started_at": changed_at}
-            del taken["status"]
-            for name, value in taken.items():
-                new[name] = case((moving, value), else_=getattr(job, name))
+            for name, value in _taken(job, at).items():
+                if name != "status":
+                    new[name] = case((moving, value), else_=getattr(job, name))
         if target == JobStatus.COMPLETED:
             new["result"] = RESULT if with_result else null()
         if target == JobStatus.PENDING:
             new["run_at"] = (
                 RUN_AT if with_run_at else case((moving, MOMENT), else_=job.run_at)
             )
+            new = _unless_cancel_requested(job, new, at)
         return new
 
     def moving(old: Row, new: Row) -> Any:
         return old.status != target.value
 
+    events = (replace(MOVED_TO[target], when=moving),)
+    if target == JobStatus.PENDING:
+        released, cancelled = _back_or_cancelled(RELEASED)
+        events = (
+            replace(
+                released,
+                when=lambda old, new: and_(released.when(old, new), moving(old, new)),
+            ),
+            cancelled,
+        )
     return Change(
         picks=(Pick(where),),
         values=values,
         actor=ACTOR,
         events=(
-            replace(MOVED_TO[target], when=moving),
+            *events,
             replace(UPDATED, when=lambda old, new: old.status == target.value),
         ),
         one_job=True,
     )
+
+
+# --- Operators' actions: one job, or every job a filter matches ----------------
+
+
+def _cancellable(job: Row) -> list[Any]:
+    return [job.status.in_([PENDING, PROCESSING]), job.cancel_requested_at.is_(None)]
+
+
+def _cancel_values(job: Row) -> dict[str, Any]:
+    """A pending job is cancelled at once; a processing one keeps running
+    with the request noted, for its holder to honour."""
+    at = strictly_after(MOMENT, job.updated_at)
+    pending = job.status == PENDING
+    return {
+        "status": case((pending, CANCELLED), else_=job.status),
+        "finished_at": case((pending, at), else_=job.finished_at),
+        "cancel_requested_at": at,
+        **_changed(job, at),
+    }
+
+
+def _retryable(job: Row) -> list[Any]:
+    return [job.status.in_([FAILED, CANCELLED])]
+
+
+def _retry_values(with_run_at: bool, with_priority: bool) -> Callable[[Row], dict]:
+    """Pending again with a fresh allowance of attempts, the failure and any
+    cancel request cleared."""
+
+    def values(job: Row) -> dict[str, Any]:
+        at = strictly_after(MOMENT, job.updated_at)
+        return {
+            "status": PENDING,
+            "attempts": 0,
+            "error_message": null(),
+            "cancel_requested_at": null(),
+            "finished_at": null(),
+            "lease_expires_at": null(),
+            "heartbeat_at": null(),
+            "run_at": greatest(RUN_AT, at) if with_run_at else at,
+            "priority": PRIORITY if with_priority else job.priority,
+            **_changed(job, at),
+        }
+
+    return values
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operator's action: which jobs it applies to, what it does to each."""
+
+    applies: Callable[[Row], list[Any]]
+    values: Callable[[Row], dict[str, Any]]
+    events: tuple[Event, ...]
+
+    def one(self) -> Change:
+        return Change(
+            picks=(Pick(self.applies),),
+            values=self.values,
+            actor=ACTOR,
+            events=self.events,
+            one_job=True,
+        )
+
+    def matching(self, shape: "FilterShape") -> Change:
+        """The same change to up to BULK_BATCH jobs the filter matches, in
+        creation order, passing those another writer holds right now."""
+        return Change(
+            picks=(
+                Pick(
+                    lambda job: [*self.applies(job), *shape.conditions(job)],
+                    order_by=_in_creation_order,
+                    limit=BULK_BATCH,
+                    skip_locked=True,
+                ),
+            ),
+            values=self.values,
+            actor=ACTOR,
+            events=self.events,
+        )
+
+
+CANCEL = Action(_cancellable, _cancel_values, (CANCELLED_EVENT,))
+
+
+@cache
+def _retry(with_run_at: bool, with_priority: bool) -> Action:
+    return Action(
+        _retryable, _retry_values(with_run_at, with_priority), (RETRIED_EVENT,)
+    )
+
+
+@cache
+def _one(action: Action) -> Change:
+    return action.one()
+
+
+@cache
+def _matching(action: Action, shape: "FilterShape") -> Change:
+    return action.matching(shape)
 
 
 # --- Reads -----------------------------------------------------------------------
@@ -331,6 +550,86 @@ def _transition(
 # Statements are built once and run with bound parameters: SQLAlchemy then
 # reuses not only the compiled SQL but also what it derives from the
 # statement object itself (the result columns), per request.
+
+
+@dataclass(frozen=True)
+class FilterShape:
+    """Which of a `JobFilter`'s fields are given (a statement per shape);
+    the values are bound as parameters (`params`)."""
+
+    statuses: int
+    document_id: bool
+    created_after: bool
+    created_before: bool
+    worker_id: bool
+    ids: bool = False
+
+    @staticmethod
+    def of(
+        selection: JobFilter, ids: Collection[uuid.UUID] | None = None
+    ) -> "FilterShape":
+        return FilterShape(
+            len(selection.status or ()),
+            selection.document_id is not None,
+            selection.created_after is not None,
+            selection.created_before is not None,
+            selection.worker_id is not None,
+            bool(ids),
+        )
+
+    @staticmethod
+    def params(selection: JobFilter, ids: Collection[uuid.UUID] | None = None) -> dict:
+        params: dict[str, Any] = {
+            f"filter_status_{n}": status.value
+            for n, status in enumerate(selection.status or ())
+        }
+        for name in ("document_id", "created_after", "created_before", "worker_id"):
+            if getattr(selection, name) is not None:
+                params[f"filter_{name}"] = getattr(selection, name)
+        if ids:
+            params["ids"] = sorted(ids)
+        return params
+
+    def conditions(self, job: Row, *, statuses: bool = True) -> list[Any]:
+        """The filter over the table. A time range is also a range of `seq`
+        (created_at never goes back: db_models.CREATE_CLOCK), which the
+        `seq` order of every list and pick can then use."""
+        conditions = []
+        if statuses and self.statuses:
+            conditions.append(
+                job.status.in_([_status(n) for n in range(self.statuses)])
+            )
+        if self.document_id:
+            conditions.append(job.document_id == bindparam("filter_document_id"))
+        if self.worker_id:
+            conditions.append(job.worker_id == bindparam("filter_worker_id"))
+        if self.created_after:
+            after = bindparam("filter_created_after", type_=UTCDateTime())
+            conditions += [job.created_at >= after, job.seq >= _first_created(after)]
+        if self.created_before:
+            before = bindparam("filter_created_before", type_=UTCDateTime())
+            conditions += [
+                job.created_at < before,
+                job.seq < func.coalesce(_first_created(before), 2**63 - 1),
+            ]
+        if self.ids:
+            conditions.append(one_of(job.id, IDS))
+        return conditions
+
+
+def _status(n: int) -> Any:
+    return bindparam(f"filter_status_{n}", type_=String)
+
+
+def _first_created(at: Any) -> Any:
+    """The `seq` of the first job created at or after `at` (an index probe)."""
+    return (
+        select(JOBS.c.seq)
+        .where(JOBS.c.created_at >= at)
+        .order_by(JOBS.c.created_at, JOBS.c.seq)
+        .limit(1)
+        .scalar_subquery()
+    )
 
 
 @cache
@@ -355,19 +654,32 @@ def _cursor_key() -> Select:
 
 
 @cache
-def _list(by_document: bool, by_status: bool, after: bool, with_key: bool) -> Select:
-    query = (
-        select(JOBS)
-        .order_by(JOBS.c.seq)
-        .limit(bindparam("limit", type_=Integer))
-        .offset(bindparam("offset", type_=BigInteger))
-    )
-    if by_document:
-        query = query.where(JOBS.c.document_id == bindparam("document_id"))
-    if by_status:
-        query = query.where(JOBS.c.status == bindparam("status"))
+def _list(shape: FilterShape, order: ListOrder, after: bool, with_key: bool) -> Select:
+    """A page of jobs in `seq` order, ascending or descending. With several
+    statuses, each is read through its own (status, seq) index range and
+    the pages merged: one range scan per status, however large the table."""
+    desc = order == ListOrder.DESC
+    limit = bindparam("limit", type_=Integer)
+    offset = bindparam("offset", type_=BigInteger)
+    job = Row(JOBS.c)
+    conditions = shape.conditions(job, statuses=shape.statuses < 2)
     if after:
-        query = query.where(JOBS.c.seq > bindparam("after_seq", type_=BigInteger))
+        position = bindparam("after_seq", type_=BigInteger)
+        conditions.append(JOBS.c.seq < position if desc else JOBS.c.seq > position)
+    ordered = JOBS.c.seq.desc() if desc else JOBS.c.seq
+    if shape.statuses < 2:
+        query = select(JOBS).where(*conditions).order_by(ordered)
+    else:
+        parts = [
+            select(JOBS)
+            .where(JOBS.c.status == _status(n), *conditions)
+            .order_by(ordered)
+            .limit(limit + offset)
+            for n in range(shape.statuses)
+        ]
+        merged = union_all(*(select(part.subquery()) for part in parts)).subquery()
+        query = select(merged).order_by(merged.c.seq.desc() if desc else merged.c.seq)
+    query = query.limit(limit).offset(offset)
     if with_key:
         # The cursor key rides along the first page a process serves, so
         # loading it costs no round trip of its own.
@@ -375,29 +687,36 @@ def _list(by_document: bool, by_status: bool, after: bool, with_key: bool) -> Se
     # Planned per call when filtered by status: statuses are skewed (a long
     # pending queue, a few failed jobs), and only a plan that sees which one
     # is asked for reads the status index rather than every job in `seq` order.
-    return query if by_status else prepared(query)
+    return query if shape.statuses else prepared(query)
 
 
 def list_query(
-    document_id: str | None,
-    status: JobStatus | None,
+    selection: JobFilter,
+    order: ListOrder,
     limit: int,
     offset: int,
     after_seq: int | None = None,
     with_key: bool = False,
 ) -> tuple[Select, dict[str, Any]]:
     """The list statement and its parameters."""
-    params: dict[str, Any] = {"limit": limit, "offset": offset}
-    if document_id is not None:
-        params["document_id"] = document_id
-    if status is not None:
-        params["status"] = status.value
+    params = {"limit": limit, "offset": offset, **FilterShape.params(selection)}
     if after_seq is not None:
         params["after_seq"] = after_seq
-    statement = _list(
-        document_id is not None, status is not None, after_seq is not None, with_key
-    )
+    statement = _list(FilterShape.of(selection), order, after_seq is not None, with_key)
     return statement, params
+
+
+@cache
+def _matched(action: Action, shape: FilterShape) -> Select:
+    """How many jobs the filter matches and the action applies to, counted
+    up to MATCH_COUNT_CAP."""
+    job = Row(JOBS.c)
+    matching = (
+        select(JOBS.c.seq)
+        .where(*action.applies(job), *shape.conditions(job))
+        .limit(MATCH_COUNT_CAP)
+    )
+    return select(func.count()).select_from(matching.subquery())
 
 
 @cache
@@ -415,6 +734,54 @@ def _events_page() -> Select:
         .where(JOBS.c.id == JOB_ID)
         .order_by(EVENTS.c.seq)
         .limit(bindparam("limit", type_=Integer))
+    )
+
+
+def _capped_count(*conditions: Any) -> Any:
+    """count(*) of the jobs that meet `conditions`, counting at most one
+    beyond EXACT_COUNT_CAP (an index range of bounded length)."""
+    few = select(literal(1)).select_from(JOBS).where(*conditions)
+    return (
+        select(func.count())
+        .select_from(few.limit(EXACT_COUNT_CAP + 1).subquery())
+        .scalar_subquery()
+    )
+
+
+@cache
+def _stats() -> Select:
+    """Per status: a count exact up to EXACT_COUNT_CAP, else the database's
+    estimate (where it has one), and which it is; the due pending job that
+    waited longest (by run_at); the expired leases. One query, each part an
+    index range of bounded length or an index probe."""
+    now = bindparam("now", type_=UTCDateTime())
+    columns = []
+    for status in JobStatus:
+        capped = _capped_count(JOBS.c.status == status.value)
+        estimate = estimated_count(JOBS.c.status, status.value)
+        estimated = and_(capped > EXACT_COUNT_CAP, estimate.is_not(None))
+        exact = (
+            select(func.count()).where(JOBS.c.status == status.value).scalar_subquery()
+        )
+        count = case(
+            (estimated, estimate), (capped > EXACT_COUNT_CAP, exact), else_=capped
+        )
+        columns += [
+            count.label(status.value),
+            estimated.label(f"{status.value}_estimated"),
+        ]
+    oldest_due = (
+        select(func.min(JOBS.c.run_at))
+        .where(JOBS.c.status == PENDING, JOBS.c.run_at <= now)
+        .scalar_subquery()
+    )
+    expired = (
+        select(func.count())
+        .where(JOBS.c.status == PROCESSING, JOBS.c.lease_expires_at <= now)
+        .scalar_subquery()
+    )
+    return select(
+        *columns, oldest_due.label("oldest_due"), expired.label("expired_leases")
     )
 
 
@@ -440,7 +807,7 @@ class Moved:
 @dataclass(frozen=True)
 class ClaimOutcome:
     """The jobs a claim took, and how many expired leases its sweep handled
-    (failed for good, or taken again by this claim)."""
+    (failed or cancelled for good, or taken again by this claim)."""
 
     jobs: list[Job]
     leases_expired: int = 0
@@ -449,6 +816,7 @@ class ClaimOutcome:
 @dataclass(frozen=True)
 class SweepOutcome:
     failed: int = 0
+    cancelled: int = 0
     released: int = 0
     deleted: int = 0
 
@@ -459,6 +827,24 @@ class EventsPage:
     more: bool
 
 
+@dataclass(frozen=True)
+class BulkChange:
+    matched: int
+    changed: list[Job]
+
+
+NEW_JOB = NewJob(
+    # Created (and last changed) when the create clock says, never before the
+    # job before it; due no earlier than that.
+    stamped=lambda given, created_at: {
+        "created_at": created_at,
+        "updated_at": created_at,
+        "run_at": greatest(given.run_at, created_at),
+    },
+    events=(CREATED,),
+)
+
+
 class ExtractionJobRepository:
     def __init__(self, db_url: str | None = None) -> None:
         self.url = db_url or database_url_from_env()
@@ -467,12 +853,15 @@ class ExtractionJobRepository:
     def ping(self) -> None:
         ping(self.url)
 
-    def _one(self, statement: Select, params: dict[str, Any]) -> Job | None:
-        def one(connection: Connection) -> Job | None:
-            row = connection.execute(statement, params).mappings().first()
-            return job_from_row(row) if row is not None else None
+    def _read(self, statement: Select, params: dict[str, Any]) -> list[Any]:
+        return run(
+            self.url,
+            lambda connection: connection.execute(statement, params).mappings().all(),
+        )
 
-        return run(self.url, one)
+    def _one(self, statement: Select, params: dict[str, Any]) -> Job | None:
+        rows = self._read(statement, params)
+        return job_from_row(rows[0]) if rows else None
 
     def _change(
         self, changes: tuple[Change, ...], params: dict[str, Any]
@@ -494,20 +883,21 @@ class ExtractionJobRepository:
         return Moved(job_from_row(current), False, lease_owner=current["lease_owner"])
 
     def add(self, job: Job, idempotency_key: str | None = None) -> Job:
-        """One INSERT with its `created` event; a taken idempotency key is
+        """One INSERT with its `created` event; returns the job as stored (its
+        times from the create clock). A taken idempotency key is
         `IdempotencyKeyTaken`."""
         values = to_values(job, idempotency_key)
         try:
-            run(
+            row = run(
                 self.url,
-                lambda connection: self.driver.insert(connection, (CREATED,), values),
+                lambda connection: self.driver.insert(connection, NEW_JOB, values),
                 write=True,
             )
         except IntegrityError:
             if idempotency_key is None:
                 raise
             raise IdempotencyKeyTaken(idempotency_key) from None
-        return job
+        return job_from_row(row)
 
     def get(self, job_id: uuid.UUID) -> Job | None:
         return self._one(_by_id(), {"job_id": job_id})
@@ -518,25 +908,21 @@ class ExtractionJobRepository:
 
     def list_jobs(
         self,
+        selection: JobFilter,
         *,
-        document_id: str | None,
-        status: JobStatus | None,
+        order: ListOrder,
         limit: int,
         offset: int,
         after_seq: int | None = None,
         with_key: bool = False,
     ) -> tuple[list[Job], int | None, bool, str | None]:
-        """A page in creation order: the jobs, the last one's `seq`, whether
-        more follow (one row more is read to know), and `with_key` the cursor
-        key when there were rows."""
+        """A page in `seq` order: the jobs, the last one's `seq`, whether more
+        follow (one row more is read to know), and `with_key` the cursor key
+        when there were rows."""
         statement, params = list_query(
-            document_id, status, limit + 1, offset, after_seq, with_key
+            selection, order, limit + 1, offset, after_seq, with_key
         )
-
-        def page(connection: Connection) -> list[Any]:
-            return connection.execute(statement, params).mappings().all()
-
-        rows = run(self.url, page)
+        rows = self._read(statement, params)
         more = len(rows) > limit
         key = rows[0]["cursor_key"] if with_key and rows else None
         rows = rows[:limit]
@@ -545,9 +931,8 @@ class ExtractionJobRepository:
 
     def cursor_key(self) -> str | None:
         """The stored cursor key (None if the row is gone)."""
-        return run(
-            self.url, lambda connection: connection.execute(_cursor_key()).scalar()
-        )
+        rows = self._read(_cursor_key(), {})
+        return rows[0]["key"] if rows else None
 
     def transition(
         self,
@@ -561,6 +946,7 @@ class ExtractionJobRepository:
         versions: Collection[int] | None,
         worker_id: str,
         check_worker: bool,
+        override: bool,
         lease_until: datetime,
         result: dict[str, Any] | None = None,
         run_at: datetime | None = None,
@@ -575,6 +961,7 @@ class ExtractionJobRepository:
             finished,
             versions is not None,
             check_worker,
+            override,
             result is not None,
             run_at is not None,
         )
@@ -582,6 +969,7 @@ class ExtractionJobRepository:
             "job_id": job_id,
             "moment": now,
             "message": error_message,
+            "reason": error_message,
             "worker": worker_id,
             "actor": actor,
             "lease_until": lease_until,
@@ -610,6 +998,79 @@ class ExtractionJobRepository:
         }
         return self._change_one(HEARTBEAT, params)
 
+    def release(
+        self,
+        job_id: uuid.UUID,
+        *,
+        worker_id: str,
+        now: datetime,
+        run_at: datetime,
+        actor: str | None,
+        reason: str,
+    ) -> Moved:
+        """The holder gives a processing job back, with its attempt."""
+        params = {
+            "job_id": job_id,
+            "worker": worker_id,
+            "moment": now,
+            "new_run_at": run_at,
+            "actor": actor,
+            "reason": reason,
+        }
+        return self._change_one(RELEASE, params)
+
+    def cancel(
+        self, job_id: uuid.UUID, *, now: datetime, actor: str | None, reason: str | None
+    ) -> Moved:
+        params = {"job_id": job_id, "moment": now, "actor": actor, "reason": reason}
+        return self._change_one(_one(CANCEL), params)
+
+    def retry(
+        self,
+        job_id: uuid.UUID,
+        *,
+        now: datetime,
+        actor: str | None,
+        run_at: datetime | None,
+        priority: int | None,
+    ) -> Moved:
+        action = _retry(run_at is not None, priority is not None)
+        params = {
+            "job_id": job_id,
+            "moment": now,
+            "actor": actor,
+            "new_run_at": run_at,
+            "new_priority": priority,
+        }
+        return self._change_one(_one(action), params)
+
+    def bulk(
+        self,
+        action: BulkAction,
+        selection: JobFilter,
+        ids: Collection[uuid.UUID] | None,
+        *,
+        dry_run: bool,
+        now: datetime,
+        actor: str | None,
+        reason: str | None,
+    ) -> BulkChange:
+        """The action on up to BULK_BATCH jobs that match (none on a dry run),
+        and how many matched before (counted up to MATCH_COUNT_CAP)."""
+        chosen = CANCEL if action == BulkAction.CANCEL else _retry(False, False)
+        shape = FilterShape.of(selection, ids)
+        params = {
+            **FilterShape.params(selection, ids),
+            "moment": now,
+            "actor": actor,
+            "reason": reason,
+        }
+        matched = self._read(_matched(chosen, shape), params)[0]["count_1"]
+        if dry_run or not matched:
+            return BulkChange(matched, [])
+        (changed,) = self._change((_matching(chosen, shape),), params).changed
+        return BulkChange(matched, [job_from_row(row) for row in changed])
+
     def claim(
         self,
         *,
@@ -619,7 +1080,7 @@ class ExtractionJobRepository:
         lease_until: datetime,
         actor: str | None = None,
     ) -> ClaimOutcome:
-        """Fail exhausted leases, then move up to `limit` due jobs (and lapsed
+        """Settle expired leases, then move up to `limit` due jobs (and lapsed
         leases) to processing. `SKIP LOCKED` lets concurrent claimers pass
         each other's rows instead of waiting or double-claiming."""
         params = {
@@ -628,20 +1089,24 @@ class ExtractionJobRepository:
             "moment": now,
             "lease_until": lease_until,
             "actor": actor,
+            "reason": LAPSED_ON_CANCEL,
         }
-        failed, claimed = self._change((FAIL_EXHAUSTED, CLAIM), params).changed
+        failed, cancelled, claimed = self._change(CLAIM_CHANGES, params).changed
         lapsed = sum(row["old_status"] == PROCESSING for row in claimed)
         return ClaimOutcome(
-            [job_from_row(row) for row in claimed], len(failed) + lapsed
+            [job_from_row(row) for row in claimed],
+            len(failed) + len(cancelled) + lapsed,
         )
 
     def sweep_leases(self, now: datetime) -> SweepOutcome:
-        """One batch of expired leases: exhausted ones fail, the others go
-        back to pending; each with its event."""
-        failed, released = self._change(
-            (FAIL_EXHAUSTED, RELEASE_LAPSED), {"moment": now}
-        ).changed
-        return SweepOutcome(failed=len(failed), released=len(released))
+        """One batch of expired leases: exhausted ones fail, those of jobs
+        whose cancel was requested are cancelled, the others go back to
+        pending; each with its event."""
+        params = {"moment": now, "reason": LAPSED_ON_CANCEL}
+        failed, cancelled, released = self._change(SWEEP_CHANGES, params).changed
+        return SweepOutcome(
+            failed=len(failed), cancelled=len(cancelled), released=len(released)
+        )
 
     def delete_finished(
         self, finished_before: datetime, statuses: Collection[JobStatus]
@@ -673,45 +1138,24 @@ class ExtractionJobRepository:
         """Up to `limit` events of the job after event `after`, oldest
         first; None when there is no such job. One query."""
         params = {"job_id": job_id, "after": after, "limit": limit + 1}
-        rows = run(
-            self.url,
-            lambda connection: (
-                connection.execute(_events_page(), params).mappings().all()
-            ),
-        )
+        rows = self._read(_events_page(), params)
         if not rows:
             return None
         events = [to_event(row) for row in rows if row["seq"] is not None]
         return EventsPage(events[:limit], len(events) > limit)
 
     def stats(self, now: datetime) -> JobStats:
-        """Counts per status, the oldest pending job's age and the expired
-        leases, in one query of index-served subqueries."""
-
-        def count(*conditions: Any) -> Any:
-            return (
-                select(func.count())
-                .select_from(JOBS)
-                .where(*conditions)
-                .scalar_subquery()
-            )
-
-        statuses = [status.value for status in JobStatus]
-        query = select(
-            *[count(JOBS.c.status == status) for status in statuses],
-            select(JOBS.c.created_at)
-            .where(JOBS.c.status == PENDING)
-            .order_by(JOBS.c.seq)
-            .limit(1)
-            .scalar_subquery(),
-            count(JOBS.c.status == PROCESSING, JOBS.c.lease_expires_at <= now),
-        )
-        row = run(self.url, lambda c: c.execute(query).one())
-        *counts, oldest, expired = row
+        (row,) = self._read(_stats(), {"now": now})
+        oldest = row["oldest_due"]
         return JobStats(
-            counts=StatusCounts(**dict(zip(statuses, counts, strict=True))),
+            counts=StatusCounts(
+                **{status.value: row[status.value] for status in JobStatus}
+            ),
+            estimated=[
+                status for status in JobStatus if row[f"{status.value}_estimated"]
+            ],
             oldest_pending_age_seconds=None
             if oldest is None
             else max(0.0, (now - oldest).total_seconds()),
-            expired_leases=expired,
+            expired_leases=row["expired_leases"],
         )

@@ -16,15 +16,23 @@ from datetime import UTC, datetime, timedelta
 from models import (
     DEFAULT_LEASE_SECONDS,
     FINISHED,
+    BulkOutcome,
+    BulkRequest,
+    CancelRequest,
     ClaimRequest,
     HeartbeatRequest,
     Job,
     JobCreate,
+    JobFilter,
     JobStats,
     JobStatus,
     JobUpdate,
+    ListOrder,
+    ReleaseRequest,
+    RetryRequest,
 )
 from repository import (
+    BULK_BATCH,
     MAX_RETENTION_BATCHES,
     ClaimOutcome,
     EventsPage,
@@ -40,9 +48,10 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.PENDING: frozenset(
         {JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED}
     ),
-    # Back to pending is the holder releasing the job (spending the attempt).
+    # Back to pending is the holder releasing the job (spending the attempt);
+    # to cancelled, the holder honouring a cancel request.
     JobStatus.PROCESSING: frozenset(
-        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.PENDING}
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.PENDING, JobStatus.CANCELLED}
     ),
     **{status: frozenset() for status in FINISHED},
 }
@@ -62,6 +71,10 @@ MAX_UPDATE_ATTEMPTS = 10
 MAX_LIST_OFFSET = 10_000
 # Who holds a job taken by a PATCH that names no worker, with auth off.
 ANONYMOUS_HOLDER = "anonymous"
+# Retry is for these; any other status is 409.
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+# The cancel reason of a job whose holder gave it back after the request.
+RELEASED_ON_CANCEL = "released by its holder after the cancel request"
 
 
 class JobNotFound(Exception):
@@ -95,6 +108,19 @@ class RetryNotAllowed(Conflict):
     def __init__(self, current: JobStatus) -> None:
         super().__init__(
             f"retry_in_seconds releases a processing job; this job is '{current}'"
+        )
+
+
+class NotRetryable(Conflict):
+    def __init__(self, current: JobStatus) -> None:
+        hint = (
+            "; to extract a completed document again, create a new job"
+            if current == JobStatus.COMPLETED
+            else ""
+        )
+        super().__init__(
+            f"Only a failed or cancelled job can be retried; this job is "
+            f"'{current}'{hint}"
         )
 
 
@@ -143,9 +169,10 @@ class ParsedCursor:
 
 
 class CursorCodec:
-    """Opaque, tamper-evident list cursors: the position and the filters,
-    HMAC-SHA256-signed, base64url. A cursor from another filter, deployment
-    or hand is refused (`InvalidPage`), never trusted.
+    """Opaque, tamper-evident list cursors: the position and a digest of the
+    filters and order it was made for, HMAC-SHA256-signed, base64url (about
+    80 characters, whatever the filters). A cursor from another filter,
+    deployment or hand is refused (`InvalidPage`), never trusted.
 
     The key is `CURSOR_SECRET` when set; otherwise the random key revision
     0002 stored in the database, read once per process (it rides along the
@@ -155,7 +182,7 @@ class CursorCodec:
     SIGNATURE_BYTES = 16
     INVALID = (
         "Invalid cursor: use the Link header of the previous page unchanged, "
-        "with the same document_id and status filters"
+        "with the same filters and order"
     )
 
     def __init__(self, key: bytes | None = None) -> None:
@@ -173,12 +200,18 @@ class CursorCodec:
             : self.SIGNATURE_BYTES
         ]
 
-    def encode(self, after_seq: int, filters: list[str | None]) -> str:
-        payload = json.dumps([1, after_seq, filters], separators=(",", ":")).encode()
+    @staticmethod
+    def _digest(filters: list) -> str:
+        text = json.dumps(filters, separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def encode(self, after_seq: int, filters: list) -> str:
+        payload = [2, after_seq, self._digest(filters)]
+        payload = json.dumps(payload, separators=(",", ":")).encode()
         token = payload + self._sign(payload)
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
-    def parse(self, cursor: str, filters: list[str | None]) -> ParsedCursor:
+    def parse(self, cursor: str, filters: list) -> ParsedCursor:
         """The cursor's position, not yet trusted: `verify` says if it is ours."""
         try:
             token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
@@ -188,8 +221,8 @@ class CursorCodec:
             raise InvalidPage(self.INVALID) from None
         if (
             len(token) <= self.SIGNATURE_BYTES
-            or version != 1
-            or signed_filters != filters
+            or version != 2
+            or signed_filters != self._digest(filters)
             or not isinstance(after_seq, int)
             or isinstance(after_seq, bool)
             or not 0 <= after_seq < 2**63
@@ -321,6 +354,7 @@ class JobService:
             run_at=run_at,
             lease_expires_at=None,
             heartbeat_at=None,
+            cancel_requested_at=None,
             result=None,
             updated_by=created_by,
         )
@@ -350,20 +384,22 @@ class JobService:
 
     def list_jobs(
         self,
+        selection: JobFilter,
         *,
-        document_id: str | None,
-        status: JobStatus | None,
+        order: ListOrder = ListOrder.ASC,
         limit: int,
         offset: int,
         cursor: str | None = None,
     ) -> Page:
-        """A page in creation order, and the cursor of the next when more follow.
+        """A page in creation order (or newest first), and the cursor of the
+        next when more follow.
 
         A cursor is a position (keyset on the creation counter), so a page
         deep in a million rows costs what the first does, and jobs created
-        while walking are neither skipped nor repeated.
+        while walking are neither skipped nor repeated. It is signed with
+        the filters and the order it was made for.
         """
-        filters = [document_id, status.value if status else None]
+        filters = [selection.model_dump(mode="json"), order.value]
         parsed = None
         if cursor is not None:
             if offset:
@@ -376,8 +412,8 @@ class JobService:
             )
         need_key = self.cursors.key is None
         jobs, last_seq, more, key = self.repository.list_jobs(
-            document_id=document_id,
-            status=status,
+            selection,
+            order=order,
             limit=limit,
             offset=offset,
             after_seq=parsed.after_seq if parsed else None,
@@ -443,11 +479,13 @@ class JobService:
     def sweep(self) -> SweepOutcome:
         """Apply lease expiry to every expired lease, then retention, in
         bounded batches (each its own short statement or transaction)."""
-        failed = released = deleted = 0
+        failed = cancelled = released = deleted = 0
         for _ in range(MAX_RETENTION_BATCHES):
             outcome = self.repository.sweep_leases(self.clock())
-            failed, released = failed + outcome.failed, released + outcome.released
-            if not (outcome.failed or outcome.released):
+            failed += outcome.failed
+            cancelled += outcome.cancelled
+            released += outcome.released
+            if not (outcome.failed or outcome.cancelled or outcome.released):
                 break
         if self.retention_days is not None:
             cutoff = self.clock() - timedelta(days=self.retention_days)
@@ -456,7 +494,9 @@ class JobService:
                 deleted += batch
                 if not batch:
                     break
-        return SweepOutcome(failed=failed, released=released, deleted=deleted)
+        return SweepOutcome(
+            failed=failed, cancelled=cancelled, released=released, deleted=deleted
+        )
 
     def update(
         self,
@@ -465,18 +505,20 @@ class JobService:
         *,
         if_match: frozenset[int] | None = None,
         actor: str | None = None,
+        admin: bool = False,
     ) -> Job:
         """Move a job along the state machine.
 
         `if_match` holds the versions the client accepts (None: any). The move
         is one conditional UPDATE whose WHERE clause is the state machine, the
-        lease's holder and If-Match, so a concurrent change is never
-        overwritten. When it changes nothing, the job as it stood says why:
+        lease's holder (unless an admin names no worker: the override) and
+        If-Match, so a concurrent change is never overwritten. When it changes nothing, the job as it stood says why:
         404, 412, 409, or nothing to change (the finishing request repeated);
         if it changed in between, the move is tried again against its new state.
         """
         uid = _parse_id(job_id)
         target = data.status
+        override = admin and data.worker_id is None
         for _ in range(MAX_UPDATE_ATTEMPTS):
             now = self.clock()
             run_at = (
@@ -495,16 +537,16 @@ class JobService:
                 # A move to processing makes the caller the holder, as a claim would.
                 worker_id=data.worker_id or actor or ANONYMOUS_HOLDER,
                 check_worker=data.worker_id is not None,
+                override=override,
                 lease_until=now + timedelta(seconds=DEFAULT_LEASE_SECONDS),
                 result=data.result,
                 run_at=run_at,
                 actor=actor,
             )
             if moved.changed:
-                if moved.old_status != target:
-                    self.on_status_change(target)
+                self._count(moved)
                 return moved.job
-            unchanged = self._unchanged(job_id, moved, data, if_match, actor)
+            unchanged = self._unchanged(job_id, moved, data, if_match, actor, override)
             if unchanged is not None:
                 return unchanged
         raise UpdateContention()
@@ -516,6 +558,7 @@ class JobService:
         data: JobUpdate,
         if_match: frozenset[int] | None,
         actor: str | None,
+        override: bool,
     ) -> Job | None:
         """Why a PATCH changed nothing: raises the refusal, or returns the job
         when there was nothing to change; None: nothing refuses it now."""
@@ -529,7 +572,7 @@ class JobService:
             raise JobFinished(job.status)
         if if_match is not None and job.version not in if_match:
             raise VersionMismatch(job.version)
-        if job.status == JobStatus.PROCESSING:
+        if job.status == JobStatus.PROCESSING and not override:
             refusal = _not_held(job, moved, data.worker_id, actor)
             if refusal is not None:
                 raise refusal
@@ -541,6 +584,114 @@ class JobService:
         elif target not in TRANSITIONS[job.status]:
             raise InvalidTransition(job.status, target)
         return None
+
+    def _count(self, moved: Moved) -> None:
+        """Tell the metrics hook of a job that reached a new status."""
+        if moved.old_status != moved.job.status:
+            self.on_status_change(moved.job.status)
+
+    def cancel(
+        self, job_id: str, request: CancelRequest, *, actor: str | None = None
+    ) -> Job:
+        """Cancel a pending job at once; ask a processing job's holder to stop
+        (it learns so from its heartbeat answer). A finished job is 409, a
+        cancelled one (or one already asked) answers as it is."""
+        uid = _parse_id(job_id)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            moved = self.repository.cancel(
+                uid, now=self.clock(), actor=actor, reason=request.reason
+            )
+            job = self._found(job_id, moved)
+            if moved.changed:
+                self._count(moved)
+                return job
+            if job.status == JobStatus.CANCELLED or job.cancel_requested_at:
+                return job
+            if job.status in FINISHED:
+                raise JobFinished(job.status)
+        raise UpdateContention()
+
+    def retry(
+        self, job_id: str, request: RetryRequest, *, actor: str | None = None
+    ) -> Job:
+        """A failed or cancelled job runs again, with a fresh allowance of
+        attempts; any other status is 409."""
+        uid = _parse_id(job_id)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            moved = self.repository.retry(
+                uid,
+                now=self.clock(),
+                actor=actor,
+                run_at=request.run_at,
+                priority=request.priority,
+            )
+            job = self._found(job_id, moved)
+            if moved.changed:
+                return job
+            if job.status not in RETRYABLE:
+                raise NotRetryable(job.status)
+        raise UpdateContention()
+
+    def release(
+        self, job_id: str, request: ReleaseRequest, *, actor: str | None = None
+    ) -> Job:
+        """The holder gives its processing job back, and the attempt with it
+        (the next claim's `attempts` is this one's): for a graceful shutdown."""
+        uid = _parse_id(job_id)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            now = self.clock()
+            moved = self.repository.release(
+                uid,
+                worker_id=request.worker_id,
+                now=now,
+                run_at=now + timedelta(seconds=request.retry_in_seconds or 0),
+                actor=actor,
+                reason=RELEASED_ON_CANCEL,
+            )
+            job = self._found(job_id, moved)
+            if moved.changed:
+                self._count(moved)
+                return job
+            if job.status != JobStatus.PROCESSING:
+                raise NotLeaseHolder(
+                    f"The job is {job.status.value}, not processing: there is no "
+                    "lease to give back"
+                )
+            refusal = _not_held(job, moved, request.worker_id, actor)
+            if refusal is not None:
+                raise refusal
+        raise UpdateContention()
+
+    def bulk(self, request: BulkRequest, *, actor: str | None = None) -> BulkOutcome:
+        """The action on every job the filter and ids match, BULK_BATCH jobs
+        a call: each changed job gets the event the single action writes.
+        The same request again goes on with the rest (changed jobs no longer
+        match: a cancelled job is not cancellable, a retried one not failed)."""
+        outcome = self.repository.bulk(
+            request.action,
+            request.filter,
+            request.ids,
+            dry_run=request.dry_run,
+            now=self.clock(),
+            actor=actor,
+            reason=request.reason,
+        )
+        for job in outcome.changed:
+            if job.status in FINISHED:
+                self.on_status_change(job.status)
+        remaining = BULK_BATCH if request.dry_run else len(outcome.changed)
+        return BulkOutcome(
+            matched=outcome.matched,
+            changed=len(outcome.changed),
+            dry_run=request.dry_run,
+            more=outcome.matched > remaining,
+        )
+
+    @staticmethod
+    def _found(job_id: str, moved: Moved) -> Job:
+        if moved.job is None:
+            raise JobNotFound(job_id)
+        return moved.job
 
     def claim(self, request: ClaimRequest, *, actor: str | None = None) -> ClaimOutcome:
         """Claim up to `limit` due jobs, each with a lease of `lease_seconds`;

@@ -281,7 +281,7 @@ locals {
     },
     {
       title   = "Jobs created, claimed, completed, failed (per 5 min)"
-      metrics = [for name in ["JobsCreated", "JobsClaimed", "JobsCompleted", "JobsFailed", "LeasesExpired"] : [var.metrics_namespace, name, { stat = "Sum" }]]
+      metrics = [for name in ["JobsCreated", "JobsClaimed", "JobsCompleted", "JobsFailed", "JobsCancelled", "LeasesExpired"] : [var.metrics_namespace, name, { stat = "Sum" }]]
     },
     {
       title = "Database CPU (%) and connections"

@@ -114,6 +114,7 @@ SCHEMA_REVISIONS = (
     "0002_job_lifecycle",
     "0003_one_write_path",
     "0004_job_control",
+    "0005_change_feed",
 )
 
 
@@ -230,7 +231,21 @@ EVENTS = Table(
     Column("actor", String(255)),
     Column("worker_id", String(255)),
     Column("detail", JSONDocument),
+    # Revision 0005: the id of the transaction that wrote it (0 on SQLite,
+    # where one writer at a time makes `seq` commit order). The change feed
+    # reads in (xid, seq) order, only below the oldest transaction still
+    # running: see repository._feed.
+    Column("xid", BigInteger, nullable=False, server_default="0"),
     Index("ix_extraction_job_event_job", "job_id", "seq"),
+    Index("ix_extraction_job_event_feed", "xid", "seq"),
+)
+
+# Events to publish to EventBridge (with EVENT_BUS_NAME set), by their seq:
+# written with the event, deleted once published (publisher.py).
+OUTBOX = Table(
+    "extraction_job_outbox",
+    metadata,
+    Column("event_seq", BigInteger, primary_key=True, autoincrement=False),
 )
 
 # One row: when the newest job was created. A create takes its row lock

@@ -47,7 +47,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.functions import FunctionElement
 
 from database import prepared
-from db_models import CREATE_CLOCK, EVENTS, JOBS, UTCDateTime
+from db_models import CREATE_CLOCK, EVENTS, JOBS, OUTBOX, UTCDateTime
 from models import EventType
 
 # --- SQL that differs by database ----------------------------------------------
@@ -158,6 +158,43 @@ def json_object(fields: Mapping[str, Any]) -> Any:
             value = iso_text(value)
         arguments += [literal(name), value]
     return _json_object(*arguments)
+
+
+class current_xid(FunctionElement):
+    """The writing transaction's id (PostgreSQL); 0 on SQLite, whose single
+    writer makes `seq` commit order by itself."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(current_xid, "postgresql")
+def _current_xid_postgresql(element, compiler, **kw):
+    return "pg_current_xact_id()::text::bigint"
+
+
+@compiles(current_xid, "sqlite")
+def _current_xid_sqlite(element, compiler, **kw):
+    return "0"
+
+
+class commit_horizon(FunctionElement):
+    """Every transaction with a smaller id has ended: the oldest still
+    running when this statement's snapshot was taken (PostgreSQL). On
+    SQLite nothing written is ever behind it."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(commit_horizon, "postgresql")
+def _commit_horizon_postgresql(element, compiler, **kw):
+    return "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
+@compiles(commit_horizon, "sqlite")
+def _commit_horizon_sqlite(element, compiler, **kw):
+    return str(2**63 - 1)
 
 
 class _estimated_count(FunctionElement):
@@ -320,6 +357,7 @@ class Event:
             actor,
             self.worker(old, new),
             json_object(self.detail(old, new)),
+            current_xid(),
         ]
 
 
@@ -421,11 +459,15 @@ class Outcome:
     current: Mapping[str, Any] | None = None
 
 
+# Which new events also go to the outbox: a condition over an event row.
+Queued = Callable[[Any], Any] | None
+
+
 class Driver(Protocol):
     def run(
         self, connection: Connection, changes: tuple[Change, ...], params: dict
     ) -> Outcome:
-        """Run the changes, in order, with their events."""
+        """Run the changes, in order, with their events (and the outbox's)."""
 
     def insert(
         self, connection: Connection, new_job: NewJob, values: dict
@@ -434,18 +476,26 @@ class Driver(Protocol):
         the stored row."""
 
 
-def driver_for(url: str) -> Driver:
-    return PostgresDriver() if url.startswith("postgresql") else SQLiteDriver()
+def driver_for(url: str, queued: Queued = None) -> Driver:
+    """The driver for the database at `url`; `queued` picks the new events
+    that go to the outbox too (None: none, nothing is published)."""
+    if url.startswith("postgresql"):
+        return PostgresDriver(queued)
+    return SQLiteDriver(queued)
 
 
 # --- PostgreSQL: one statement -------------------------------------------------
 
 
 class PostgresDriver:
+    def __init__(self, queued: Queued = None) -> None:
+        self.queued = queued
+
     def run(
         self, connection: Connection, changes: tuple[Change, ...], params: dict
     ) -> Outcome:
-        rows = connection.execute(_pg_changes(changes), params).mappings().all()
+        statement = _pg_changes(changes, self.queued)
+        rows = connection.execute(statement, params).mappings().all()
         changed: list[list[Mapping[str, Any]]] = [[] for _ in changes]
         current = None
         for row in rows:
@@ -490,7 +540,7 @@ def _pg_picked(change: Change, index: int) -> Any:
 
 
 @cache
-def _pg_changes(changes: tuple[Change, ...]) -> Select:
+def _pg_changes(changes: tuple[Change, ...], queued: Queued) -> Select:
     """Every change and all their events in one statement.
 
     Every part sees the same snapshot, and the changes must pick disjoint
@@ -536,11 +586,21 @@ def _pg_changes(changes: tuple[Change, ...]) -> Select:
     query = select(rows).order_by(rows.c.part, rows.c.position)
     if events:
         every = union_all(*events).subquery("new_events")
-        recorded = insert(EVENTS).from_select(
-            EVENT_COLUMNS,
-            select(*list(every.c)[2:]).order_by(every.c.kind, every.c.job_seq),
+        recorded = (
+            insert(EVENTS)
+            .from_select(
+                EVENT_COLUMNS,
+                select(*list(every.c)[2:]).order_by(every.c.kind, every.c.job_seq),
+            )
+            .returning(*EVENTS.c)
+            .cte("events")
         )
-        query = query.add_cte(recorded.cte("events"))
+        query = query.add_cte(recorded)
+        if queued is not None:
+            outbox = insert(OUTBOX).from_select(
+                ["event_seq"], select(recorded.c.seq).where(queued(recorded.c))
+            )
+            query = query.add_cte(outbox.cte("queued"))
     return prepared(query)
 
 
@@ -576,6 +636,9 @@ _PICKED = bindparam("picked", type_=ListOf(JOBS.c.seq.type))
 
 
 class SQLiteDriver:
+    def __init__(self, queued: Queued = None) -> None:
+        self.queued = queued
+
     def run(
         self, connection: Connection, changes: tuple[Change, ...], params: dict
     ) -> Outcome:
@@ -587,8 +650,13 @@ class SQLiteDriver:
                 continue
             step = {**params, "picked": [seq for seq, _ in picked]}
             # The events first: they are computed from the jobs as they are.
-            for statement in _sqlite_events(change):
-                connection.execute(statement, step)
+            recorded = [
+                seq
+                for statement in _sqlite_events(change)
+                for seq in connection.execute(statement, step).scalars()
+            ]
+            if recorded and self.queued is not None:
+                connection.execute(_sqlite_queue(self.queued), {"recorded": recorded})
             rows = connection.execute(_sqlite_update(change), step).mappings().all()
             by_seq = {row["seq"]: row for row in rows}
             changed.append(
@@ -649,9 +717,20 @@ def _sqlite_events(change: Change) -> list[Any]:
         if kind.when is not None:
             rows = rows.where(kind.when(old, new))
         statements.append(
-            insert(EVENTS).from_select(EVENT_COLUMNS, rows.order_by(JOBS.c.seq))
+            insert(EVENTS)
+            .from_select(EVENT_COLUMNS, rows.order_by(JOBS.c.seq))
+            .returning(EVENTS.c.seq)
         )
     return statements
+
+
+@cache
+def _sqlite_queue(queued: Queued) -> Any:
+    recorded = bindparam("recorded", type_=ListOf(EVENTS.c.seq.type))
+    return insert(OUTBOX).from_select(
+        ["event_seq"],
+        select(EVENTS.c.seq).where(one_of(EVENTS.c.seq, recorded), queued(EVENTS.c)),
+    )
 
 
 @cache

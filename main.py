@@ -53,6 +53,7 @@ from models import (
     BulkRequest,
     CancelRequest,
     ClaimRequest,
+    EventType,
     Health,
     HeartbeatRequest,
     Instant,
@@ -68,6 +69,7 @@ from models import (
     RetryRequest,
     check_optional_text,
 )
+from publisher import EventPublisher
 from repository import ExtractionJobRepository
 from service import (
     Conflict,
@@ -316,6 +318,48 @@ async def bulk_action(
 
 
 @router.get(
+    "/events",
+    response_model=list[JobEvent],
+    summary="Every job's events in commit order: a feed to follow",
+    responses={
+        200: {
+            "headers": {
+                "Link": header(
+                    'The next page, rel="next", on every page (the last too): '
+                    "store it and resume from it for newer events."
+                )
+            }
+        },
+        **errors(422, *COMMON_ERRORS),
+    },
+)
+async def list_events(
+    request: Request,
+    response: Response,
+    _: Reader,
+    limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE)] = DEFAULT_EVENTS_PAGE,
+    type_: Annotated[
+        list[EventType] | None,
+        Query(alias="type", description="Only these types; repeat for several."),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=512,
+            description='Opaque: from the Link header (rel="next") of the previous page.',
+        ),
+    ] = None,
+) -> list[JobEvent]:
+    page = await in_thread(
+        get_service(request).feed, cursor=cursor, types=set(type_ or ()), limit=limit
+    )
+    following = request.url.include_query_params(cursor=page.next_cursor)
+    response.headers["Link"] = f'<{following}>; rel="next"'
+    return page.events
+
+
+@router.get(
     "/{job_id}",
     response_model=Job,
     summary="Get one job",
@@ -495,6 +539,8 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
         "leases_released": outcome.released,
         "jobs_deleted": outcome.deleted,
     }
+    if app.state.publisher is not None:
+        counts["events_published"] = app.state.publisher.publish_outstanding()
     observability.logger.info("sweep", extra=counts)
     observability.count(
         "LeasesExpired", outcome.failed + outcome.cancelled + outcome.released
@@ -649,11 +695,20 @@ def create_app() -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.authenticator = authenticator_for(settings)
+    repository = ExtractionJobRepository(
+        settings.resolved_database_url, outbox=settings.event_bus_name is not None
+    )
+    app.state.publisher = (
+        EventPublisher(settings.event_bus_name, repository)
+        if settings.event_bus_name
+        else None
+    )
     app.state.service = JobService(
-        ExtractionJobRepository(settings.resolved_database_url),
+        repository,
         cursor_secret=settings.cursor_secret,
         retention_days=settings.retention_days,
         on_status_change=_count_status_change,
+        on_outcome=app.state.publisher.publish_for if app.state.publisher else None,
     )
     app.add_middleware(BodySizeLimit)
     _register_error_handlers(app)

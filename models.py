@@ -533,6 +533,13 @@ class EventType(StrEnum):
     STATUS_CHANGED = "status_changed"
 
 
+# The events published to EventBridge (as detail-type `job.<type>`) when
+# they move a job to a new status: the outcomes downstream systems act on.
+PUBLISHED_EVENTS = frozenset(
+    {EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.RETRIED}
+)
+
+
 class JobEvent(BaseModel):
     """One entry of a job's append-only history."""
 

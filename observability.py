@@ -248,6 +248,8 @@ DOMAIN_COUNTERS = frozenset(
         "JobsFailed",
         "JobsCancelled",
         "LeasesExpired",
+        "EventsPublished",
+        "EventsPublishFailed",
     }
 )
 

@@ -12,7 +12,7 @@ clause, row locks, `SKIP LOCKED`), never by holding locks across calls.
 
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -33,13 +33,14 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    tuple_,
     union_all,
 )
 from sqlalchemy.exc import IntegrityError
 
 import drivers
 from database import database_url_from_env, ping, prepared, run, transaction
-from db_models import CURSOR_KEY, EVENTS, JOBS, JSONDocument, UTCDateTime
+from db_models import CURSOR_KEY, EVENTS, JOBS, OUTBOX, JSONDocument, UTCDateTime
 from drivers import (
     JOB_ID,
     Change,
@@ -48,12 +49,14 @@ from drivers import (
     NewJob,
     Pick,
     Row,
+    commit_horizon,
     estimated_count,
     greatest,
     one_of,
     strictly_after,
 )
 from models import (
+    PUBLISHED_EVENTS,
     BulkAction,
     EventType,
     Job,
@@ -737,6 +740,74 @@ def _events_page() -> Select:
     )
 
 
+@cache
+def _feed(types: int, after: bool) -> Select:
+    """Events of every job in (xid, seq) order, only those written by
+    transactions older than the oldest one still running: a transaction
+    that commits later can never add an event before a page already read,
+    so a walk sees each event once, with no gaps (commit order, as the job
+    list's create clock gives it)."""
+    conditions = [EVENTS.c.xid < commit_horizon()]
+    if after:
+        position = (
+            bindparam("after_xid", type_=BigInteger),
+            bindparam("after_seq", type_=BigInteger),
+        )
+        conditions.append(tuple_(EVENTS.c.xid, EVENTS.c.seq) > tuple_(*position))
+    if types:
+        kinds = [bindparam(f"type_{n}", type_=String) for n in range(types)]
+        conditions.append(EVENTS.c.type.in_(kinds))
+    query = (
+        select(EVENTS)
+        .where(*conditions)
+        .order_by(EVENTS.c.xid, EVENTS.c.seq)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    return prepared(query)
+
+
+def queued_for_publishing(event: Any) -> Any:
+    """The events the outbox keeps: published types that moved a job."""
+    return and_(
+        event.type.in_(sorted(kind.value for kind in PUBLISHED_EVENTS)),
+        event.from_status.is_distinct_from(event.to_status),
+    )
+
+
+@cache
+def _outbox(for_jobs: bool) -> Select:
+    """Queued events, oldest first, with what a published one tells of its
+    job (the job may be gone, by retention)."""
+    query = (
+        select(
+            EVENTS.c.seq,
+            EVENTS.c.job_id,
+            EVENTS.c.type,
+            EVENTS.c.to_status,
+            EVENTS.c.worker_id,
+            EVENTS.c.at,
+            JOBS.c.document_id,
+            JOBS.c.attempts,
+        )
+        .select_from(
+            OUTBOX.join(EVENTS, EVENTS.c.seq == OUTBOX.c.event_seq).outerjoin(
+                JOBS, JOBS.c.id == EVENTS.c.job_id
+            )
+        )
+        .order_by(OUTBOX.c.event_seq)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    if for_jobs:
+        query = query.where(one_of(EVENTS.c.job_id, IDS))
+    return prepared(query)
+
+
+@cache
+def _unqueue() -> Any:
+    published = bindparam("published", type_=ListOf(BigInteger()))
+    return delete(OUTBOX).where(one_of(OUTBOX.c.event_seq, published))
+
+
 def _capped_count(*conditions: Any) -> Any:
     """count(*) of the jobs that meet `conditions`, counting at most one
     beyond EXACT_COUNT_CAP (an index range of bounded length)."""
@@ -806,11 +877,13 @@ class Moved:
 
 @dataclass(frozen=True)
 class ClaimOutcome:
-    """The jobs a claim took, and how many expired leases its sweep handled
-    (failed or cancelled for good, or taken again by this claim)."""
+    """The jobs a claim took, how many expired leases its sweep handled
+    (failed or cancelled for good, or taken again by this claim), and the
+    ids of the jobs it failed or cancelled."""
 
     jobs: list[Job]
     leases_expired: int = 0
+    settled: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -829,8 +902,10 @@ class EventsPage:
 
 @dataclass(frozen=True)
 class BulkChange:
+    """How many jobs matched; each changed one with the status it left."""
+
     matched: int
-    changed: list[Job]
+    changed: list[tuple[JobStatus, Job]]
 
 
 NEW_JOB = NewJob(
@@ -845,10 +920,28 @@ NEW_JOB = NewJob(
 )
 
 
+@dataclass(frozen=True)
+class QueuedEvent:
+    """An event waiting in the outbox, with its job's document and attempts."""
+
+    seq: int
+    job_id: str
+    type: str
+    status: str | None
+    worker_id: str | None
+    at: datetime
+    document_id: str | None
+    attempts: int | None
+
+
 class ExtractionJobRepository:
-    def __init__(self, db_url: str | None = None) -> None:
+    def __init__(self, db_url: str | None = None, *, outbox: bool = False) -> None:
+        """`outbox`: queue the events to publish (publisher.py), in the same
+        statement as each write."""
         self.url = db_url or database_url_from_env()
-        self.driver = drivers.driver_for(self.url)
+        self.driver = drivers.driver_for(
+            self.url, queued_for_publishing if outbox else None
+        )
 
     def ping(self) -> None:
         ping(self.url)
@@ -1069,7 +1162,10 @@ class ExtractionJobRepository:
         if dry_run or not matched:
             return BulkChange(matched, [])
         (changed,) = self._change((_matching(chosen, shape),), params).changed
-        return BulkChange(matched, [job_from_row(row) for row in changed])
+        return BulkChange(
+            matched,
+            [(JobStatus(row["old_status"]), job_from_row(row)) for row in changed],
+        )
 
     def claim(
         self,
@@ -1096,6 +1192,7 @@ class ExtractionJobRepository:
         return ClaimOutcome(
             [job_from_row(row) for row in claimed],
             len(failed) + len(cancelled) + lapsed,
+            [str(row["id"]) for row in (*failed, *cancelled)],
         )
 
     def sweep_leases(self, now: datetime) -> SweepOutcome:
@@ -1143,6 +1240,50 @@ class ExtractionJobRepository:
             return None
         events = [to_event(row) for row in rows if row["seq"] is not None]
         return EventsPage(events[:limit], len(events) > limit)
+
+    def feed(
+        self, *, after: tuple[int, int] | None, types: Collection[str], limit: int
+    ) -> tuple[list[JobEvent], tuple[int, int] | None]:
+        """Up to `limit` events of every job after position `after` (an
+        event's xid and id), in commit order (see `_feed`), and the last
+        one's position."""
+        params: dict[str, Any] = {"limit": limit}
+        params |= {f"type_{n}": kind for n, kind in enumerate(sorted(types))}
+        if after is not None:
+            params["after_xid"], params["after_seq"] = after
+        rows = self._read(_feed(len(types), after is not None), params)
+        last = (rows[-1]["xid"], rows[-1]["seq"]) if rows else None
+        return [to_event(row) for row in rows], last
+
+    def queued(self, job_ids: Collection[str] | None, limit: int) -> list[QueuedEvent]:
+        """Events waiting to be published: of these jobs, or the oldest."""
+        params: dict[str, Any] = {"limit": limit}
+        if job_ids is not None:
+            params["ids"] = sorted(uuid.UUID(job_id) for job_id in job_ids)
+        rows = self._read(_outbox(job_ids is not None), params)
+        return [
+            QueuedEvent(
+                row["seq"],
+                str(row["job_id"]),
+                row["type"],
+                row["to_status"],
+                row["worker_id"],
+                row["at"],
+                row["document_id"],
+                row["attempts"],
+            )
+            for row in rows
+        ]
+
+    def unqueue(self, seqs: Collection[int]) -> None:
+        """Published: out of the outbox."""
+        run(
+            self.url,
+            lambda connection: connection.execute(
+                _unqueue(), {"published": sorted(seqs)}
+            ),
+            write=True,
+        )
 
     def stats(self, now: datetime) -> JobStats:
         (row,) = self._read(_stats(), {"now": now})

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -20,9 +20,11 @@ from models import (
     BulkRequest,
     CancelRequest,
     ClaimRequest,
+    EventType,
     HeartbeatRequest,
     Job,
     JobCreate,
+    JobEvent,
     JobFilter,
     JobStats,
     JobStatus,
@@ -162,8 +164,14 @@ class Page:
 
 
 @dataclass(frozen=True)
+class FeedPage:
+    events: list[JobEvent]
+    next_cursor: str
+
+
+@dataclass(frozen=True)
 class ParsedCursor:
-    after_seq: int
+    position: tuple[int, ...]
     payload: bytes
     signature: bytes
 
@@ -205,8 +213,8 @@ class CursorCodec:
         text = json.dumps(filters, separators=(",", ":"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def encode(self, after_seq: int, filters: list) -> str:
-        payload = [2, after_seq, self._digest(filters)]
+    def encode(self, position: tuple[int, ...], filters: list) -> str:
+        payload = [2, list(position), self._digest(filters)]
         payload = json.dumps(payload, separators=(",", ":")).encode()
         token = payload + self._sign(payload)
         return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
@@ -216,23 +224,27 @@ class CursorCodec:
         try:
             token = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             payload = token[: -self.SIGNATURE_BYTES]
-            version, after_seq, signed_filters = json.loads(payload)
+            version, position, signed_filters = json.loads(payload)
         except (ValueError, TypeError, UnicodeError):
             raise InvalidPage(self.INVALID) from None
         if (
             len(token) <= self.SIGNATURE_BYTES
             or version != 2
             or signed_filters != self._digest(filters)
-            or not isinstance(after_seq, int)
-            or isinstance(after_seq, bool)
-            or not 0 <= after_seq < 2**63
+            or not isinstance(position, list)
+            or not all(_is_position(value) for value in position)
         ):
             raise InvalidPage(self.INVALID)
-        return ParsedCursor(after_seq, payload, token[-self.SIGNATURE_BYTES :])
+        signature = token[-self.SIGNATURE_BYTES :]
+        return ParsedCursor(tuple(position), payload, signature)
 
     def verify(self, cursor: ParsedCursor) -> None:
         if not hmac.compare_digest(cursor.signature, self._sign(cursor.payload)):
             raise InvalidPage(self.INVALID)
+
+
+def _is_position(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def utc_now() -> datetime:
@@ -306,6 +318,7 @@ class JobService:
         cursor_secret: str | None = None,
         retention_days: int | None = None,
         on_status_change: Callable[[JobStatus], None] = lambda status: None,
+        on_outcome: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.repository = repository
         self.clock = clock
@@ -313,8 +326,10 @@ class JobService:
             CursorCodec.derive(cursor_secret) if cursor_secret else None
         )
         self.retention_days = retention_days
-        # A hook for metrics: called with the new status after each PATCH move.
+        # Hooks: for metrics, the new status of each job a request moved; for
+        # publishing, the ids of jobs that reached or left a finished status.
         self.on_status_change = on_status_change
+        self.on_outcome = on_outcome or (lambda job_ids: None)
 
     def database_ok(self) -> None:
         """Raises `DatabaseUnavailable` when the database cannot be reached."""
@@ -416,7 +431,9 @@ class JobService:
             order=order,
             limit=limit,
             offset=offset,
-            after_seq=parsed.after_seq if parsed else None,
+            after_seq=parsed.position[0]
+            if parsed and len(parsed.position) == 1
+            else None,
             with_key=need_key,
         )
         if need_key and (key is not None or parsed is not None or more):
@@ -428,12 +445,38 @@ class JobService:
             # Checked after the query, which only read a position; a cursor
             # that is not ours answers 422 and its page is never shown.
             self.cursors.verify(parsed)
+        if parsed is not None and len(parsed.position) != 1:
+            raise InvalidPage(CursorCodec.INVALID)  # a feed's cursor
         next_cursor = (
-            self.cursors.encode(last_seq, filters)
+            self.cursors.encode((last_seq,), filters)
             if more and last_seq is not None
             else None
         )
         return Page(jobs, next_cursor)
+
+    def feed(
+        self, *, cursor: str | None, types: Collection[EventType], limit: int
+    ) -> FeedPage:
+        """Events of every job in commit order after the cursor's position,
+        and the cursor of the next page: always, also after the last event,
+        so a consumer resumes from it later and sees only newer events."""
+        filters = ["feed", sorted(kind.value for kind in types)]
+        if self.cursors.key is None:
+            # Once per process, as the list would (which carries it along).
+            key = self.repository.cursor_key()
+            self.cursors.key = CursorCodec.derive(key or self.repository.url)
+        after = None
+        if cursor is not None:
+            parsed = self.cursors.parse(cursor, filters)
+            self.cursors.verify(parsed)
+            if len(parsed.position) != 2:
+                raise InvalidPage(CursorCodec.INVALID)  # a list's cursor
+            after = (parsed.position[0], parsed.position[1])
+        events, last = self.repository.feed(
+            after=after, types={kind.value for kind in types}, limit=limit
+        )
+        position = last or after or (0, 0)
+        return FeedPage(events, self.cursors.encode(position, filters))
 
     def events(self, job_id: str, *, after: int, limit: int) -> EventsSlice:
         """Up to `limit` of the job's events after event `after`, oldest
@@ -544,7 +587,7 @@ class JobService:
                 actor=actor,
             )
             if moved.changed:
-                self._count(moved)
+                self._moved([(moved.old_status, moved.job)])
                 return moved.job
             unchanged = self._unchanged(job_id, moved, data, if_match, actor, override)
             if unchanged is not None:
@@ -585,10 +628,17 @@ class JobService:
             raise InvalidTransition(job.status, target)
         return None
 
-    def _count(self, moved: Moved) -> None:
-        """Tell the metrics hook of a job that reached a new status."""
-        if moved.old_status != moved.job.status:
-            self.on_status_change(moved.job.status)
+    def _moved(self, jobs: list[tuple[JobStatus | None, Job]]) -> None:
+        """Tell the hooks of the jobs a request moved (old status, job)."""
+        outcomes = []
+        for old_status, job in jobs:
+            if old_status == job.status:
+                continue
+            self.on_status_change(job.status)
+            if job.status in FINISHED or old_status in FINISHED:
+                outcomes.append(job.id)
+        if outcomes:
+            self.on_outcome(outcomes)
 
     def cancel(
         self, job_id: str, request: CancelRequest, *, actor: str | None = None
@@ -603,7 +653,7 @@ class JobService:
             )
             job = self._found(job_id, moved)
             if moved.changed:
-                self._count(moved)
+                self._moved([(moved.old_status, moved.job)])
                 return job
             if job.status == JobStatus.CANCELLED or job.cancel_requested_at:
                 return job
@@ -627,6 +677,7 @@ class JobService:
             )
             job = self._found(job_id, moved)
             if moved.changed:
+                self._moved([(moved.old_status, job)])
                 return job
             if job.status not in RETRYABLE:
                 raise NotRetryable(job.status)
@@ -650,7 +701,7 @@ class JobService:
             )
             job = self._found(job_id, moved)
             if moved.changed:
-                self._count(moved)
+                self._moved([(moved.old_status, moved.job)])
                 return job
             if job.status != JobStatus.PROCESSING:
                 raise NotLeaseHolder(
@@ -676,9 +727,7 @@ class JobService:
             actor=actor,
             reason=request.reason,
         )
-        for job in outcome.changed:
-            if job.status in FINISHED:
-                self.on_status_change(job.status)
+        self._moved(outcome.changed)
         remaining = BULK_BATCH if request.dry_run else len(outcome.changed)
         return BulkOutcome(
             matched=outcome.matched,
@@ -698,10 +747,13 @@ class JobService:
         expired leases are swept first, in the same statement. The outcome
         says how many leases that sweep expired (for the LeasesExpired metric)."""
         now = self.clock()
-        return self.repository.claim(
+        outcome = self.repository.claim(
             worker_id=request.worker_id,
             limit=request.limit,
             now=now,
             lease_until=now + timedelta(seconds=request.lease_seconds),
             actor=actor,
         )
+        if outcome.settled:
+            self.on_outcome(outcome.settled)
+        return outcome

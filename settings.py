@@ -7,6 +7,17 @@ imported here: no database driver, JWT or HTTP library (cold starts).
 
 Adding a variable is one line in `Settings`:
 
+    event_bus_name: str | None = env(
+        "EVENT_BUS_NAME",
+        None,
+        "the EventBridge bus each job's outcomes (job.completed, job.failed, "
+        "job.cancelled, job.retried) are published to, at least once (set by "
+        "Terraform); unset: nothing is published",
+        example="extraction-jobs",
+        shown_default="unset",
+        min_length=1,
+        max_length=256,
+    )
     log_level: LogLevel = env("LOG_LEVEL", "INFO", "Python log level", example="DEBUG")
 
 The README's configuration table is this module's output
@@ -349,6 +360,17 @@ class Settings(BaseModel):
         "drop its connections after a SnapStart restore",
         example="on-demand",
         shown_default="unset",
+    )
+    event_bus_name: str | None = env(
+        "EVENT_BUS_NAME",
+        None,
+        "the EventBridge bus each job's outcomes (job.completed, job.failed, "
+        "job.cancelled, job.retried) are published to, at least once (set by "
+        "Terraform); unset: nothing is published",
+        example="extraction-jobs",
+        shown_default="unset",
+        min_length=1,
+        max_length=256,
     )
     log_level: LogLevel = env(
         "LOG_LEVEL",

@@ -219,7 +219,7 @@ async def claim_jobs(
     summary="Counts per status, oldest pending age, expired leases",
     responses=errors(*COMMON_ERRORS),
 )
-async def job_stats(request: Request, _: Reader) -> JobStats:
+async def get_stats(request: Request, _: Reader) -> JobStats:
     return await in_thread(get_service(request).stats)
 
 
@@ -377,7 +377,7 @@ async def get_job(job_id: str, request: Request, response: Response, _: Reader) 
     dependencies=JSON_BODY,
     responses=errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
 )
-async def heartbeat(
+async def heartbeat_job(
     job_id: str,
     data: HeartbeatRequest,
     request: Request,
@@ -401,7 +401,7 @@ async def heartbeat(
         **errors(404, 422, *COMMON_ERRORS),
     },
 )
-async def job_events(
+async def list_job_events(
     job_id: str,
     request: Request,
     response: Response,
@@ -557,7 +557,7 @@ def run_sweep(app: FastAPI) -> dict[str, int]:
     return counts
 
 
-def health(request: Request) -> JSONResponse:
+def get_health(request: Request) -> JSONResponse:
     """Public: a real round trip to the database, at the schema this code needs."""
     try:
         get_service(request).database_ok()
@@ -693,6 +693,9 @@ def create_app() -> FastAPI:
         # (observability.py); FastAPI's OpenTelemetry hooks would otherwise
         # look up three global providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # operationId = the route function's name (create_job, claim_jobs,
+        # ...), so generated clients read well.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.authenticator = authenticator_for(settings)
     repository = ExtractionJobRepository(
@@ -715,7 +718,7 @@ def create_app() -> FastAPI:
     app.include_router(router)
     app.add_api_route(
         "/health",
-        health,
+        get_health,
         methods=["GET"],
         response_model=Health,
         tags=["health"],

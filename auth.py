@@ -50,10 +50,6 @@ FAILED_FETCH_BACKOFF_SECONDS = 10.0
 _MAX_AGE = re.compile(r"max-age\s*=\s*(\d+)", re.IGNORECASE)
 
 
-# Auth enabled with its configuration incomplete is a configuration error (settings.py).
-AuthConfigError = config.ConfigError
-
-
 class InvalidToken(Exception):
     """The token cannot be accepted; the message is safe to show the client."""
 
@@ -88,11 +84,6 @@ class AuthSettings:
     audience: str
     jwks_url: str
     require_scopes: bool = True
-
-
-def authenticator_from_env() -> Authenticator | None:
-    """The authenticator for the environment's settings (see authenticator_for)."""
-    return authenticator_for(config.load_settings())
 
 
 def authenticator_for(settings: config.Settings) -> Authenticator | None:

@@ -87,10 +87,6 @@ class SchemaOutOfDate(DatabaseUnavailable):
         self.needed = needed
 
 
-# A bad DATABASE_URL is a configuration error like any other (settings.py).
-InvalidDatabaseURL = settings.ConfigError
-
-
 def database_url_from_env() -> str:
     """`DATABASE_URL` when set, else SQLite at `DB_PATH`."""
     return settings.settings_from_env().resolved_database_url
@@ -101,7 +97,7 @@ def normalize_url(url: str) -> str:
     try:
         return settings.normalize_database_url(url)
     except ValueError as error:
-        raise InvalidDatabaseURL([f"DATABASE_URL {error}"]) from None
+        raise settings.ConfigError([f"DATABASE_URL {error}"]) from None
 
 
 def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
@@ -190,7 +186,7 @@ def use_iam_auth(engine: Engine, region: str | None = None) -> None:
     session = botocore.session.get_session()
     region = region or session.get_config_variable("region")
     if not region:
-        raise InvalidDatabaseURL(["DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)"])
+        raise settings.ConfigError(["DB_IAM_AUTH=1 needs AWS_REGION (set on Lambda)"])
     signer = session.create_client("rds", region_name=region)
     # The token is the signature; botocore's signer logs signatures at DEBUG.
     logging.getLogger("botocore.auth").setLevel(logging.INFO)
@@ -322,17 +318,6 @@ def _shape(sql: str, compiled: Any, dialect: Any) -> _Shape | None:
         shape = _Shape(body, tuple(parameters), types, tuple(fixed))
     _shapes[sql] = shape
     return shape
-
-
-def prepared_queries(compiled: Any, values: dict[str, Any]) -> tuple[str, str]:
-    """What a connection sends for a `prepared()` statement compiled for
-    psycopg2, with these DBAPI values: the first time, and every time after
-    (for benchmarks that must send what the app sends)."""
-    shape = _shape(compiled.string, compiled, compiled.dialect)
-    if shape is None:
-        raise ValueError("this statement cannot run prepared")
-    statement = shape.prepare(values)
-    return statement.prepare_and_execute, statement.execute
 
 
 def _run_prepared(engine: Engine) -> None:

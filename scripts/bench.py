@@ -265,6 +265,20 @@ def seed_pending(url: str, count: int) -> None:
     )
 
 
+def prepared_queries(compiled, values: dict) -> tuple[str, str]:
+    """What the app's connection sends for a `prepared()` statement compiled
+    for psycopg2, with these DBAPI values: the first time, and every time
+    after (database._run_prepared's choice, so the floor sends what the app
+    sends)."""
+    import database
+
+    shape = database._shape(compiled.string, compiled, compiled.dialect)
+    if shape is None:
+        raise ValueError("this statement cannot run prepared")
+    statement = shape.prepare(values)
+    return statement.prepare_and_execute, statement.execute
+
+
 def claim_floor_in_database(url: str, seconds: float, *, prepared: bool) -> Result:
     """The repository's own claim statement through bare psycopg2, 8 threads:
     `prepared` as the app sends it (PREPARE with the first EXECUTE, then
@@ -272,11 +286,20 @@ def claim_floor_in_database(url: str, seconds: float, *, prepared: bool) -> Resu
     import psycopg2
     from sqlalchemy.dialects.postgresql import psycopg2 as dialect
 
-    from database import GENERIC_PLANS, prepared_queries
-    from repository import claim_query
+    import drivers
+    import repository
+    from database import GENERIC_PLANS
 
     now = datetime.now(UTC)
-    statement, values = claim_query("floor", 1, now, now, None)
+    statement = drivers._pg_changes(repository.CLAIM_CHANGES, None)
+    values = {
+        "worker": "floor",
+        "limit": 1,
+        "moment": now,
+        "lease_until": now,
+        "actor": None,
+        "reason": repository.LAPSED_ON_CANCEL,
+    }
     compiled = statement.compile(dialect=dialect.dialect())
     params = compiled.construct_params(values)
     first = later = str(compiled)

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from jose import jwk, jwt
 
 import auth
+import settings
 from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
 AUDIENCE = "https://extraction-jobs.example.invalid"
@@ -591,7 +592,7 @@ def test_jwks_without_usable_keys_is_503(client, key_a, jwks, keys):
 
 def test_concurrent_cold_start_fetches_the_jwks_once(auth_env, key_a, jwks):
     jwks.delay_seconds = 0.2
-    authenticator = auth.authenticator_from_env()
+    authenticator = auth.authenticator_for(settings.load_settings())
     token = sign(key_a)
     results: list[auth.Principal] = []
 
@@ -611,7 +612,7 @@ def test_concurrent_cold_start_fetches_the_jwks_once(auth_env, key_a, jwks):
 def test_stale_keys_serve_other_threads_while_one_refreshes(
     auth_env, key_a, jwks, clock
 ):
-    authenticator = auth.authenticator_from_env()
+    authenticator = auth.authenticator_for(settings.load_settings())
     authenticator.jwks.clock = clock
     token = sign(key_a)
     authenticator.authenticate(token)
@@ -655,7 +656,7 @@ def test_missing_configuration_refuses_to_start_and_names_it(auth_env, missing):
 
     for name in missing:
         auth_env.delenv(name)
-    with pytest.raises(auth.AuthConfigError) as raised:
+    with pytest.raises(settings.ConfigError) as raised:
         main.create_app()
     for name in missing:
         assert name in str(raised.value)
@@ -663,30 +664,32 @@ def test_missing_configuration_refuses_to_start_and_names_it(auth_env, missing):
 
 def test_blank_configuration_counts_as_missing(auth_env):
     auth_env.setenv("AUTH0_AUDIENCE", "  ")
-    with pytest.raises(auth.AuthConfigError, match="AUTH0_AUDIENCE"):
-        auth.authenticator_from_env()
+    with pytest.raises(settings.ConfigError, match="AUTH0_AUDIENCE"):
+        auth.authenticator_for(settings.load_settings())
 
 
 def test_issuer_and_jwks_url_default_from_the_domain(auth_env):
     auth_env.delenv("AUTH0_ISSUER")
     auth_env.delenv("AUTH0_JWKS_URL")
-    settings = auth.authenticator_from_env().settings
-    assert settings.issuer == f"https://{DOMAIN}/"
-    assert settings.jwks_url == f"https://{DOMAIN}/.well-known/jwks.json"
-    assert settings.require_scopes is True
+    found = auth.authenticator_for(settings.load_settings()).settings
+    assert found.issuer == f"https://{DOMAIN}/"
+    assert found.jwks_url == f"https://{DOMAIN}/.well-known/jwks.json"
+    assert found.require_scopes is True
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "Yes"])
 def test_auth_disabled_values_bypass_auth(auth_env, value):
     auth_env.setenv("AUTH_DISABLED", value)
     auth_env.delenv("AUTH0_DOMAIN")
-    assert auth.authenticator_from_env() is None
+    assert auth.authenticator_for(settings.load_settings()) is None
 
 
 @pytest.mark.parametrize("value", ["0", "false", "no", ""])
 def test_other_auth_disabled_values_keep_auth_on(auth_env, value):
     auth_env.setenv("AUTH_DISABLED", value)
-    assert isinstance(auth.authenticator_from_env(), auth.Authenticator)
+    assert isinstance(
+        auth.authenticator_for(settings.load_settings()), auth.Authenticator
+    )
 
 
 def test_disabled_auth_admits_requests_without_a_token(auth_env, jwks):
@@ -705,7 +708,7 @@ def test_disabled_auth_in_lambda_logs_a_warning(auth_env, caplog):
     auth_env.setenv("AUTH_DISABLED", "1")
     auth_env.setenv("AWS_LAMBDA_FUNCTION_NAME", "extraction-jobs-api")
     with caplog.at_level(logging.WARNING, logger="auth"):
-        assert auth.authenticator_from_env() is None
+        assert auth.authenticator_for(settings.load_settings()) is None
     assert "AUTH_DISABLED" in caplog.text
     assert "extraction-jobs-api" in caplog.text
 
@@ -713,15 +716,15 @@ def test_disabled_auth_in_lambda_logs_a_warning(auth_env, caplog):
 def test_disabled_auth_outside_lambda_does_not_warn(auth_env, caplog):
     auth_env.setenv("AUTH_DISABLED", "1")
     with caplog.at_level(logging.WARNING, logger="auth"):
-        auth.authenticator_from_env()
+        auth.authenticator_for(settings.load_settings())
     assert caplog.text == ""
 
 
 def test_importing_auth_loads_no_jwt_or_http_library():
     """Lambda cold starts with auth disabled must not pay for jose, cryptography or httpx."""
     script = (
-        "import os, sys; os.environ['AUTH_DISABLED'] = '1'; import auth; "
-        "assert auth.authenticator_from_env() is None; "
+        "import os, sys; os.environ['AUTH_DISABLED'] = '1'; import auth, settings; "
+        "assert auth.authenticator_for(settings.load_settings()) is None; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'jose', 'cryptography', 'httpx'}))"
     )
     result = subprocess.run(

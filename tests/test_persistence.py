@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 import database
 import drivers
 import repository
+import settings
 from main import create_app
 from models import JobStatus
 
@@ -118,7 +119,7 @@ def test_database_url_names_the_psycopg2_driver(given, expected):
 )
 def test_unsupported_database_url_refuses_to_start(monkeypatch, bad):
     monkeypatch.setenv("DATABASE_URL", bad)
-    with pytest.raises(database.InvalidDatabaseURL):
+    with pytest.raises(settings.ConfigError):
         create_app()
 
 

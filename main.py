@@ -702,7 +702,11 @@ def create_app() -> FastAPI:
         settings.resolved_database_url, outbox=settings.event_bus_name is not None
     )
     app.state.publisher = (
-        EventPublisher(settings.event_bus_name, repository)
+        EventPublisher(
+            settings.event_bus_name,
+            repository,
+            endpoint_url=settings.aws_endpoint_url_events,
+        )
         if settings.event_bus_name
         else None
     )

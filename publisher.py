@@ -12,7 +12,8 @@ and no transaction is open while AWS is called.
 
 boto3 comes with the Lambda runtime (it is not in lambda.zip) and is
 imported here only, when publishing is on. The standard AWS variables and
-endpoint overrides (`AWS_ENDPOINT_URL_EVENTS`) are honoured.
+endpoint overrides are honoured (`AWS_ENDPOINT_URL_EVENTS`, settings.py, as
+well as botocore's own).
 """
 
 import json
@@ -62,8 +63,11 @@ class EventPublisher:
         bus_name: str,
         repository: ExtractionJobRepository,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        endpoint_url: str | None = None,
     ) -> None:
         self.bus_name = bus_name
+        self.endpoint_url = endpoint_url
         self.repository = repository
         self.clock = clock
         self._closed_until = 0.0
@@ -78,6 +82,7 @@ class EventPublisher:
 
                 self._client = boto3.client(
                     "events",
+                    endpoint_url=self.endpoint_url,
                     config=Config(
                         connect_timeout=TIMEOUT_S,
                         read_timeout=TIMEOUT_S,

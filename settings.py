@@ -7,17 +7,6 @@ imported here: no database driver, JWT or HTTP library (cold starts).
 
 Adding a variable is one line in `Settings`:
 
-    event_bus_name: str | None = env(
-        "EVENT_BUS_NAME",
-        None,
-        "the EventBridge bus each job's outcomes (job.completed, job.failed, "
-        "job.cancelled, job.retried) are published to, at least once (set by "
-        "Terraform); unset: nothing is published",
-        example="extraction-jobs",
-        shown_default="unset",
-        min_length=1,
-        max_length=256,
-    )
     log_level: LogLevel = env("LOG_LEVEL", "INFO", "Python log level", example="DEBUG")
 
 The README's configuration table is this module's output
@@ -371,6 +360,15 @@ class Settings(BaseModel):
         shown_default="unset",
         min_length=1,
         max_length=256,
+    )
+    aws_endpoint_url_events: str | None = env(
+        "AWS_ENDPOINT_URL_EVENTS",
+        None,
+        "the EventBridge endpoint to publish to instead of AWS's (a test double "
+        "such as moto); botocore's own `AWS_ENDPOINT_URL_EVENTBRIDGE` and "
+        "`AWS_ENDPOINT_URL` work too",
+        example="http://127.0.0.1:5000",
+        shown_default="unset",
     )
     log_level: LogLevel = env(
         "LOG_LEVEL",

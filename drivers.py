@@ -380,8 +380,8 @@ class Pick:
 class Change:
     """One write to existing jobs: the jobs its picks select (with several
     picks, the best `limit` of them all by `order_by`), the values they get,
-    who makes the change, and the events recorded for each. `one_job`: the change is to the job
-    `JOB_ID`, and a refusal returns the job as it stood."""
+    who makes the change, and the events recorded for each. `one_job`: the
+    change is to the job `JOB_ID`, and a refusal returns the job as it stood."""
 
     picks: tuple[Pick, ...]
     values: Expressions

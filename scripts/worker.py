@@ -557,12 +557,11 @@ class Worker:
         method: str,
         path: str,
         body: dict,
-        *,
-        interruptible: bool,
         deadline: float | None = None,
     ) -> httpx.Response | None:
-        """The call, retried with backoff while the API is unavailable; None
-        if stopped (interruptible) or past `deadline` first."""
+        """The call, retried with backoff while the API is unavailable, until
+        it is answered; None if `deadline` (a monotonic time) comes first or,
+        without one, if the worker is stopped first."""
         backoff = Backoff(*ERROR_BACKOFF)
         while True:
             answer = self._send(method, path, body)
@@ -582,7 +581,7 @@ class Worker:
                 error=answer.reason,
                 wait_seconds=round(wait, 3),
             )
-            if not self._sleep(wait, interruptible):
+            if not self._sleep(wait, interruptible=deadline is None):
                 return None
 
     def _claim(self) -> dict | None:
@@ -594,7 +593,6 @@ class Worker:
                 "limit": 1,
                 "lease_seconds": self.lease_seconds,
             },
-            interruptible=True,
         )
         if response is None:
             return None
@@ -708,7 +706,6 @@ class Worker:
                 "POST",
                 f"/extraction-jobs/{job['id']}/release",
                 {"worker_id": self.worker_id},
-                interruptible=False,
                 deadline=time.monotonic() + RELEASE_DEADLINE_SECONDS,
             )
             self._finished(response, "job released", fields)
@@ -748,13 +745,12 @@ class Worker:
     def _patch(
         self, job: dict, body: dict, message: str, fields: dict
     ) -> httpx.Response | None:
-        # Finishing is worth retrying for as long as the lease would have lasted.
+        # Retried until answered: giving up would only let the lease run out
+        # and the work be done again (repeating a finishing PATCH is safe).
         response = self._call(
             "PATCH",
             f"/extraction-jobs/{job['id']}",
             {**body, "worker_id": self.worker_id},
-            interruptible=False,
-            deadline=time.monotonic() + self.lease_seconds,
         )
         self._finished(response, message, fields)
         return response

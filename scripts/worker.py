@@ -173,7 +173,7 @@ def command_outcome(code: int, stdout: bytes, complete: bool, stderr: bytes) -> 
         tail = error_tail(stderr.decode("utf-8", "replace"))
         if not tail:
             tail = (
-                f"the command was killed by signal {signal.Signals(-code).name}"
+                f"the command was killed by signal {_signal_name(-code)}"
                 if code < 0
                 else f"the command exited with code {code}"
             )
@@ -189,6 +189,13 @@ def command_outcome(code: int, stdout: bytes, complete: bool, stderr: bytes) -> 
     return Outcome(
         result=result, exit_code=0, kept="stdout" if whole else "stdout, cut"
     )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say
+        return str(number)
 
 
 def function_outcome(value: Any) -> Outcome:
@@ -265,16 +272,12 @@ class CommandRun:
             env=environment,
         )
         self.stdout, self.stderr = _Head(STDOUT_KEEP_BYTES), _Tail(STDERR_KEEP_BYTES)
-        self.threads = [
-            threading.Thread(target=target, args=args, daemon=True)
-            for target, args in (
-                (_feed, (self.process.stdin, json.dumps(job).encode())),
-                (_drain, (self.process.stdout, self.stdout)),
-                (_drain, (self.process.stderr, self.stderr)),
-            )
+        self.feeder = _thread(_feed, self.process.stdin, json.dumps(job).encode())
+        # They end when every process holding the command's output has exited.
+        self.readers = [
+            _thread(_drain, self.process.stdout, self.stdout),
+            _thread(_drain, self.process.stderr, self.stderr),
         ]
-        for thread in self.threads:
-            thread.start()
 
     def wait(self, timeout: float) -> Outcome | None:
         """The outcome once the command has exited, else None after `timeout`."""
@@ -284,21 +287,26 @@ class CommandRun:
             return None
         # What it left running in its group is part of the job, which is over.
         self._signal_group(signal.SIGKILL)
-        self._join()
+        self._join(time.monotonic() + KILL_GRACE_SECONDS)
         return command_outcome(
             code, bytes(self.stdout.data), self.stdout.complete, bytes(self.stderr.data)
         )
 
     def kill(self) -> None:
-        """SIGTERM to the whole process group; SIGKILL after a grace period."""
+        """SIGTERM to the whole process group; SIGKILL to what is left once
+        the command and every process holding its output have exited, or
+        after the grace period."""
         self._signal_group(signal.SIGTERM)
+        grace_over = time.monotonic() + KILL_GRACE_SECONDS
         try:
             self.process.wait(KILL_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             pass
+        for reader in self.readers:
+            reader.join(max(grace_over - time.monotonic(), 0))
         self._signal_group(signal.SIGKILL)
         self.process.wait()
-        self._join()
+        self._join(time.monotonic() + KILL_GRACE_SECONDS)
 
     def _signal_group(self, signum: int) -> None:
         try:
@@ -306,9 +314,15 @@ class CommandRun:
         except ProcessLookupError:
             pass
 
-    def _join(self) -> None:
-        for thread in self.threads:
-            thread.join(KILL_GRACE_SECONDS)
+    def _join(self, deadline: float) -> None:
+        for thread in (self.feeder, *self.readers):
+            thread.join(max(deadline - time.monotonic(), 0))
+
+
+def _thread(target: Callable, *args: Any) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
 
 
 class FunctionRun:
@@ -318,10 +332,7 @@ class FunctionRun:
 
     def __init__(self, function: Callable[[dict], dict | None], job: dict) -> None:
         self.outcome: Outcome | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(function, job), daemon=True
-        )
-        self.thread.start()
+        self.thread = _thread(self._run, function, job)
 
     def _run(self, function: Callable[[dict], dict | None], job: dict) -> None:
         try:
@@ -543,7 +554,7 @@ class Worker:
             what = "the API refused the token (401)"
             fix = (
                 "set API_TOKEN to a valid bearer token"
-                if "Authorization" in (self.client.headers)
+                if self.client.headers.get("Authorization")
                 else "API_TOKEN is not set and the API requires a token"
             )
         else:

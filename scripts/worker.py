@@ -690,23 +690,17 @@ class Worker:
                 )
                 return "cancel", 0
             return "ok", interval
-        if answer.status_code in (404, 409):
-            self.log(
-                "WARNING",
-                "the job is no longer ours: killing its work",
-                job_id=job["id"],
-                status=answer.status_code,
-                detail=detail(answer),
-            )
-            return "lost", 0
+        lost = answer.status_code in (404, 409)  # taken over, or finished
         self.log(
-            "ERROR",
-            "heartbeat refused",
+            "WARNING" if lost else "ERROR",
+            "the job is no longer ours: killing its work"
+            if lost
+            else "heartbeat refused",
             job_id=job["id"],
             status=answer.status_code,
             detail=detail(answer),
         )
-        return "ok", interval
+        return ("lost", 0) if lost else ("ok", interval)
 
     def _finish(self, job: dict, ending: Ending, seconds: float) -> None:
         fields = {"job_id": job["id"], "attempt": job["attempts"], "seconds": seconds}

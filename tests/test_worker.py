@@ -151,10 +151,10 @@ def worker_env(**values: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "API_TOKEN"} | values
 
 
-def run_worker(url: str, command: str, *extra: str, cwd: Path, env=None, timeout=60):
-    """The worker with --once, run until it exits."""
+def run(args: list[str], *, cwd: Path, env=None, timeout=60):
+    """A program run until it exits, its output captured."""
     return subprocess.run(
-        worker_args(url, command, "--once", *extra),
+        args,
         check=False,
         cwd=cwd,
         env=env or worker_env(),
@@ -162,6 +162,11 @@ def run_worker(url: str, command: str, *extra: str, cwd: Path, env=None, timeout
         text=True,
         timeout=timeout,
     )
+
+
+def run_worker(url: str, command: str, *extra: str, cwd: Path, env=None):
+    """The worker with --once, run until it exits."""
+    return run(worker_args(url, command, "--once", *extra), cwd=cwd, env=env)
 
 
 def start_worker(url: str, command: str, *, cwd: Path) -> subprocess.Popen:
@@ -378,15 +383,7 @@ def test_the_docs_python_function_example_works(api, server, tmp_path):
     job = create(api, "invoice-0042.pdf", metadata={"pages": 3})
     script = tmp_path / "my_worker.py"
     script.write_text(example.replace("http://127.0.0.1:8000", server.url))
-    done = subprocess.run(
-        [PYTHON, str(script)],
-        check=False,
-        cwd=ROOT,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run([PYTHON, str(script)], cwd=ROOT)
     assert done.returncode == 0, done.stderr
     finished = get(api, job)
     assert finished["status"] == "completed", done.stderr
@@ -529,16 +526,7 @@ def one_line_exit_2(done: subprocess.CompletedProcess, words: str) -> None:
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, words):
-    done = subprocess.run(
-        [PYTHON, str(WORKER), *args],
-        check=False,
-        cwd=tmp_path,
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    one_line_exit_2(done, words)
+    one_line_exit_2(run([PYTHON, str(WORKER), *args], cwd=tmp_path), words)
 
 
 def test_an_api_it_cannot_reach_is_one_line_and_exit_2(tmp_path):

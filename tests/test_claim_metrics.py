@@ -15,17 +15,15 @@ from fastapi.testclient import TestClient
 
 import observability
 import settings
-from main import create_app, run_sweep
+from main import run_sweep
 
 
 @pytest.fixture
-def app(database_url: str, monkeypatch: pytest.MonkeyPatch, clock: Clock):
-    monkeypatch.setenv("DATABASE_URL", database_url)
+def app(app, monkeypatch: pytest.MonkeyPatch):
+    """conftest's app, with metrics on."""
     monkeypatch.setattr(
         observability, "settings", settings.settings_from_env({"METRICS_ENABLED": "1"})
     )
-    app = create_app()
-    app.state.service.clock = clock
     return app
 
 

@@ -22,7 +22,13 @@ from datetime import datetime, timedelta
 
 import psycopg2
 import pytest
-from conftest import TEST_DATABASE_URL, backend_url, empty_postgres, postgres_url
+from conftest import (
+    TEST_DATABASE_URL,
+    backend_url,
+    empty_postgres,
+    next_link,
+    postgres_url,
+)
 from fastapi.testclient import TestClient
 from jose import jwk, jwt
 from pydantic_core import to_json
@@ -36,14 +42,6 @@ from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 AUDIENCE = "https://extraction-jobs.example.invalid"
 ISSUER = "https://tenant.example.invalid/"
 SCOPES = "read:extraction-jobs write:extraction-jobs"
-
-
-@pytest.fixture
-def app(database_url, monkeypatch, clock):
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    app = create_app()
-    app.state.service.clock = clock
-    return app
 
 
 @pytest.fixture
@@ -660,16 +658,6 @@ def test_an_idempotent_replay_with_big_floats_replays(client, metadata):
 
 
 # --- bounded histories ---------------------------------------------------------------------
-
-
-def next_link(response) -> str | None:
-    link = response.headers.get("Link")
-    if link is None:
-        return None
-    target, rel = link.split(";", 1)
-    assert rel.strip() == 'rel="next"'
-    assert target.startswith("<") and target.endswith(">")
-    return target[1:-1]
 
 
 def job_with_events(client, count: int) -> dict:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 
 import pytest
-from conftest import backend_url
+from conftest import backend_url, next_link
 from fastapi.testclient import TestClient
 
 import database
@@ -21,14 +21,6 @@ import lambda_handler
 from drivers import CREATE_LOCK_ID
 from main import create_app
 from models import FINISHED
-
-
-@pytest.fixture
-def app(database_url, monkeypatch, clock):
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    app = create_app()
-    app.state.service.clock = clock
-    return app
 
 
 @pytest.fixture
@@ -785,16 +777,6 @@ def test_stats_counts_statuses_oldest_pending_and_expired_leases(client, clock):
 
 
 # --- cursor pages -------------------------------------------------------------------
-
-
-def next_link(response) -> str | None:
-    link = response.headers.get("Link")
-    if link is None:
-        return None
-    target, rel = link.split(";", 1)
-    assert rel.strip() == 'rel="next"'
-    assert target.startswith("<") and target.endswith(">")
-    return target[1:-1]
 
 
 def walk(client, **params) -> list[dict]:

@@ -215,8 +215,11 @@ def test_a_worker_that_dies_loses_the_job_and_another_finishes_it(client, clock)
     expired = history[2]
     assert (expired["from_status"], expired["to_status"]) == ("processing", "pending")
     assert expired["worker_id"] == "dies"
-    assert expired["detail"]["attempts"] == 1
-    assert expired["detail"]["lease_expires_at"] == first["lease_expires_at"]
+    assert expired["detail"] == {
+        "attempts": 1,
+        "max_attempts": 3,
+        "lease_expires_at": first["lease_expires_at"],
+    }
     assert [e["worker_id"] for e in history[3:]] == ["lives", "lives"]
 
 
@@ -305,7 +308,11 @@ def test_the_sweep_releases_lapsed_leases_and_fails_exhausted_ones(app, client, 
     assert counts == {"leases_failed": 1, "leases_released": 1, "jobs_deleted": 0}
     released = client.get(f"/extraction-jobs/{again['id']}").json()
     assert (released["status"], released["lease_expires_at"]) == ("pending", None)
-    assert client.get(f"/extraction-jobs/{once['id']}").json()["status"] == "failed"
+    failed = client.get(f"/extraction-jobs/{once['id']}").json()
+    assert (failed["status"], failed["error_message"]) == (
+        "failed",
+        "lease expired after 1 attempt",
+    )
     assert client.get(f"/extraction-jobs/{held['id']}").json()["status"] == "processing"
     assert kinds(client, again["id"])[-1] == "lease_expired"
     assert kinds(client, once["id"])[-1] == "failed"

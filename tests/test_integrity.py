@@ -1013,7 +1013,6 @@ def test_after_a_restart_the_next_write_succeeds_once(forwarded):
     forwarder, client, url = forwarded
     create(client, "before")
     assert forwarder.restart() >= 1  # the pooled connection, idle
-
     time.sleep(0.1)  # the closes reach the pooled sockets
     created = client.post("/extraction-jobs", json={"document_id": "after"})
     assert created.status_code == 201, created.text

@@ -232,16 +232,21 @@ class RequestObserver:
         if settings.metrics_enabled:
             metrics = _emf()
             metrics.add_dimension("route", template)
-            metrics.add_metric("Requests", "Count", 1)
-            metrics.add_metric("Errors5xx", "Count", 1 if status >= 500 else 0)
-            metrics.add_metric("Latency", "Milliseconds", latency_ms)
+            _add(metrics, "Requests", 1)
+            _add(metrics, "Errors5xx", 1 if status >= 500 else 0)
+            _add(metrics, "Latency", latency_ms)
             metrics.flush_metrics()
 
 
-# --- Metrics outside a request's own three ------------------------------------
+# --- Metrics: every name and unit, said once ----------------------------------
+# terraform/monitoring.tf's dashboard and alarms name these (checked by
+# tests/test_metric_names.py).
 
-DOMAIN_COUNTERS = frozenset(
-    {
+# Per request, by route (RequestObserver).
+REQUEST_METRICS = {"Requests": "Count", "Errors5xx": "Count", "Latency": "Milliseconds"}
+# Domain counters, without dimensions (count()).
+DOMAIN_COUNTERS = dict.fromkeys(
+    (
         "JobsCreated",
         "JobsClaimed",
         "JobsCompleted",
@@ -250,8 +255,20 @@ DOMAIN_COUNTERS = frozenset(
         "LeasesExpired",
         "EventsPublished",
         "EventsPublishFailed",
-    }
+    ),
+    "Count",
 )
+# The queue gauges of each scheduled sweep (publish_job_gauges()).
+JOB_GAUGES = {
+    "PendingJobs": "Count",
+    "ProcessingJobs": "Count",
+    "OldestPendingAgeSeconds": "Seconds",
+}
+METRICS = REQUEST_METRICS | DOMAIN_COUNTERS | JOB_GAUGES
+
+
+def _add(metrics: AmazonCloudWatchEMFProvider, name: str, value: float) -> None:
+    metrics.add_metric(name, METRICS[name], value)
 
 
 def _emf() -> AmazonCloudWatchEMFProvider:
@@ -266,7 +283,7 @@ def count(name: str, value: int = 1) -> None:
     if value <= 0 or not settings.metrics_enabled:
         return
     metrics = _emf()
-    metrics.add_metric(name, "Count", value)
+    _add(metrics, name, value)
     metrics.flush_metrics()
 
 
@@ -290,12 +307,10 @@ def publish_job_gauges(gauges: JobGauges) -> None:
     )
     if settings.metrics_enabled:
         metrics = _emf()
-        metrics.add_metric("PendingJobs", "Count", gauges.pending)
-        metrics.add_metric("ProcessingJobs", "Count", gauges.processing)
+        _add(metrics, "PendingJobs", gauges.pending)
+        _add(metrics, "ProcessingJobs", gauges.processing)
         # No job waiting is no age at all: the gauge reads 0, its floor.
-        metrics.add_metric(
-            "OldestPendingAgeSeconds", "Seconds", gauges.oldest_pending_age_seconds or 0
-        )
+        _add(metrics, "OldestPendingAgeSeconds", gauges.oldest_pending_age_seconds or 0)
         metrics.flush_metrics()
 
 

@@ -1,10 +1,12 @@
 # Alarms, a dashboard and (optionally) tracing. The queue gauges come from the
 # sweep schedule (schedule.tf).
 #
-# The application writes its own metrics (Requests, Errors5xx, Latency by
-# route; JobsCreated/Claimed/Completed/Failed; the queue gauges) to its log as
-# CloudWatch Embedded Metric Format, in the namespace var.metrics_namespace:
-# nothing here calls the CloudWatch API from the function.
+# The application writes its own metrics (observability.METRICS: per request
+# by route, the domain counters, the queue gauges) to its log as CloudWatch
+# Embedded Metric Format, in the namespace var.metrics_namespace: nothing here
+# calls the CloudWatch API from the function. Every one of them is on the
+# dashboard, and every one named here is one of them
+# (tests/test_metric_names.py).
 
 locals {
   alarm_topic_arn = var.alarm_topic_arn != "" ? var.alarm_topic_arn : aws_sns_topic.alarms[0].arn
@@ -270,6 +272,14 @@ locals {
         concat(["AWS/Lambda", "Errors"], local.function_dimension, [{ stat = "Sum" }]),
         concat(["AWS/Lambda", "Throttles"], local.function_dimension, [{ stat = "Sum" }]),
       ]
+    },
+    {
+      title   = "App requests and 5xx by route (per 5 min)"
+      metrics = [for name in ["Requests", "Errors5xx"] : [{ id = lower(name), expression = "SEARCH('{\"${var.metrics_namespace}\",route} MetricName=\"${name}\"', 'Sum', 300)" }]]
+    },
+    {
+      title   = "App latency by route (ms, p99)"
+      metrics = [for name in ["Latency"] : [{ id = lower(name), expression = "SEARCH('{\"${var.metrics_namespace}\",route} MetricName=\"${name}\"', 'p99', 300)" }]]
     },
     {
       title   = "Job queue"

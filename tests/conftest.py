@@ -109,6 +109,15 @@ def client(make_client: Callable[[], TestClient]) -> TestClient:
     return make_client()
 
 
+@pytest.fixture
+def app(database_url: str, monkeypatch: pytest.MonkeyPatch, clock: "Clock"):
+    """A fresh app on the test's database whose service tells time by `clock`."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    app = create_app()
+    app.state.service.clock = clock
+    return app
+
+
 def _deployed_client() -> httpx.Client:
     token = os.environ.get("API_TOKEN", "").strip()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -152,6 +161,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         else:
             line = f"{count} skipped: {reason}"
         terminalreporter.write_line(line, yellow=True)
+
+
+def next_link(response: httpx.Response) -> str | None:
+    """The URL of a page's Link header (rel="next"), None without one."""
+    link = response.headers.get("Link")
+    if link is None:
+        return None
+    target, rel = link.split(";", 1)
+    assert rel.strip() == 'rel="next"'
+    assert target.startswith("<") and target.endswith(">")
+    return target[1:-1]
 
 
 class Clock:

@@ -4,11 +4,14 @@ the deployed state as the emulator holds it, not as Terraform planned it.
 
 import fnmatch
 import json
+import re
 from collections.abc import Iterator
 
 import boto3
 from sqlalchemy import make_url
 from terraform_helpers import EMULATOR_REGION
+
+import observability
 
 NAME = "extraction-jobs"  # var.name's default
 # The parameter group's parameters, as terraform/rds.tf sets them.
@@ -539,12 +542,21 @@ def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -
     widgets = json.loads(cloudwatch.get_dashboard(DashboardName=NAME)["DashboardBody"])[
         "widgets"
     ]
-    metrics = [
+    entries = [
         metric
         for widget in widgets
         if widget["type"] == "metric"
         for metric in widget["properties"]["metrics"]
     ]
+    metrics = [entry for entry in entries if isinstance(entry[0], str)]
+    searches = [entry[0]["expression"] for entry in entries if entry not in metrics]
+    # Every metric the app emits, and no other in its namespace; by route
+    # ones through a SEARCH of the namespace.
+    by_route = re.compile(r'\{"ExtractionJobs",route\} MetricName="(\w+)"')
+    shown = [m[1] for m in metrics if m[0] == "ExtractionJobs"] + [
+        name for search in searches for name in by_route.findall(search)
+    ]
+    assert sorted(shown) == sorted(observability.METRICS)
     assert {
         ("AWS/ApiGateway", "Count"),
         ("AWS/ApiGateway", "5xx"),

@@ -1,5 +1,6 @@
 """LeasesExpired counts every expiry: those the sweep at the start of each
-claim handles as well as the scheduled sweep's, one per lease_expired event.
+claim handles as well as the scheduled sweep's, one per recorded expiry (a
+lease_expired event, or the failed event of a lease out of attempts).
 
 EMF records are read from stdout as CloudWatch Logs receives them, with
 metrics on as METRICS_ENABLED=1 turns them on; on both databases.
@@ -14,17 +15,15 @@ from fastapi.testclient import TestClient
 
 import observability
 import settings
-from main import create_app, run_sweep
+from main import run_sweep
 
 
 @pytest.fixture
-def app(database_url: str, monkeypatch: pytest.MonkeyPatch, clock: Clock):
-    monkeypatch.setenv("DATABASE_URL", database_url)
+def app(app, monkeypatch: pytest.MonkeyPatch):
+    """conftest's app, with metrics on."""
     monkeypatch.setattr(
         observability, "settings", settings.settings_from_env({"METRICS_ENABLED": "1"})
     )
-    app = create_app()
-    app.state.service.clock = clock
     return app
 
 
@@ -60,9 +59,15 @@ def claim(client: TestClient, worker_id: str, limit: int) -> list[dict]:
     return response.json()
 
 
+def is_expiry(event: dict) -> bool:
+    if event["type"] == "failed":
+        return event["detail"]["error_message"].startswith("lease expired after")
+    return event["type"] == "lease_expired"
+
+
 def expiry_events(client: TestClient, job_ids: list[str]) -> int:
     return sum(
-        event["type"] == "lease_expired"
+        is_expiry(event)
         for job_id in job_ids
         for event in client.get(f"/extraction-jobs/{job_id}/events").json()
     )

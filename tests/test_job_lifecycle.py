@@ -13,21 +13,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 
 import pytest
-from conftest import backend_url
+from conftest import backend_url, next_link
 from fastapi.testclient import TestClient
 
 import database
 import lambda_handler
 from drivers import CREATE_LOCK_ID
 from main import create_app
-
-
-@pytest.fixture
-def app(database_url, monkeypatch, clock):
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    app = create_app()
-    app.state.service.clock = clock
-    return app
+from models import FINISHED
 
 
 @pytest.fixture
@@ -119,11 +112,15 @@ def test_heartbeat_extends_the_lease_from_now_with_a_new_etag(client, clock):
         seconds=45
     )
     assert ts(beat["lease_expires_at"]) > ts(claimed["lease_expires_at"])
+    assert claimed["heartbeat_at"] is None
+    assert beat["heartbeat_at"] == beat["updated_at"]
     default = heartbeat(client, job["id"], "w1").json()
     assert ts(default["lease_expires_at"]) - ts(default["updated_at"]) == timedelta(
         seconds=300
     )
-    assert kinds(client, job["id"]) == ["created", "claimed", "heartbeat", "heartbeat"]
+    assert default["heartbeat_at"] == default["updated_at"] > beat["heartbeat_at"]
+    # The last heartbeat is on the job; the history does not grow with them.
+    assert kinds(client, job["id"]) == ["created", "claimed"]
 
 
 def test_heartbeat_keeps_a_job_alive_past_its_first_lease(client, clock):
@@ -213,13 +210,16 @@ def test_a_worker_that_dies_loses_the_job_and_another_finishes_it(client, clock)
         "claimed",
         "lease_expired",
         "claimed",
-        "status_changed",
+        "completed",
     ]
     expired = history[2]
     assert (expired["from_status"], expired["to_status"]) == ("processing", "pending")
     assert expired["worker_id"] == "dies"
-    assert expired["detail"]["attempts"] == 1
-    assert expired["detail"]["lease_expires_at"] == first["lease_expires_at"]
+    assert expired["detail"] == {
+        "attempts": 1,
+        "max_attempts": 3,
+        "lease_expires_at": first["lease_expires_at"],
+    }
     assert [e["worker_id"] for e in history[3:]] == ["lives", "lives"]
 
 
@@ -254,10 +254,14 @@ def test_exhausted_attempts_end_failed_and_are_never_claimed_again(client, clock
         ("claimed", "pending", "processing"),
         ("lease_expired", "processing", "pending"),
         ("claimed", "pending", "processing"),
-        ("lease_expired", "processing", "failed"),
+        ("failed", "processing", "failed"),
     ]
     assert history[-1]["worker_id"] == "b"
-    assert history[-1]["detail"]["max_attempts"] == 2
+    assert history[-1]["actor"] is None  # the sweep, not a caller
+    assert history[-1]["detail"] == {
+        "error_message": "lease expired after 2 attempts",
+        "attempts": 2,
+    }
     clock.advance(3600)
     assert claim(client, "d") == []
 
@@ -304,10 +308,14 @@ def test_the_sweep_releases_lapsed_leases_and_fails_exhausted_ones(app, client, 
     assert counts == {"leases_failed": 1, "leases_released": 1, "jobs_deleted": 0}
     released = client.get(f"/extraction-jobs/{again['id']}").json()
     assert (released["status"], released["lease_expires_at"]) == ("pending", None)
-    assert client.get(f"/extraction-jobs/{once['id']}").json()["status"] == "failed"
+    failed = client.get(f"/extraction-jobs/{once['id']}").json()
+    assert (failed["status"], failed["error_message"]) == (
+        "failed",
+        "lease expired after 1 attempt",
+    )
     assert client.get(f"/extraction-jobs/{held['id']}").json()["status"] == "processing"
     assert kinds(client, again["id"])[-1] == "lease_expired"
-    assert kinds(client, once["id"])[-1] == "lease_expired"
+    assert kinds(client, once["id"])[-1] == "failed"
     assert lambda_handler.run_sweep(app)["leases_released"] == 0  # once only
     [reclaimed] = claim(client, "w3")
     assert (reclaimed["id"], reclaimed["attempts"]) == (again["id"], 2)
@@ -345,7 +353,7 @@ def test_retention_deletes_only_finished_jobs_past_it_with_their_events(
     assert remaining == {"old-pending", "old-processing", "recent-done"}
     for gone in (old_done, old_failed):
         assert client.get(f"/extraction-jobs/{gone['id']}/events").status_code == 404
-    assert kinds(client, recent["id"]) == ["created", "status_changed"]
+    assert kinds(client, recent["id"]) == ["created", "completed"]
     assert lambda_handler.run_sweep(app)["jobs_deleted"] == 0
 
 
@@ -358,7 +366,9 @@ def test_retention_deletes_in_bounded_batches(app, client, clock, monkeypatch):
         job = create(client, f"d{n}")
         client.patch(f"/extraction-jobs/{job['id']}", json={"status": "failed"})
     clock.advance(2 * 86_400)
-    deleted = app.state.service.repository.delete_finished(clock() - timedelta(days=1))
+    deleted = app.state.service.repository.delete_finished(
+        clock() - timedelta(days=1), FINISHED
+    )
     assert deleted == 3
     assert lambda_handler.run_sweep(app)["jobs_deleted"] == 5
     assert client.get("/extraction-jobs").json() == []
@@ -449,13 +459,18 @@ def test_retry_in_seconds_releases_a_processing_job_with_backoff(client, clock):
     assert claim(client, "w2") == []
     clock.advance(31)
     assert claim(client, "w2")[0]["attempts"] == 2
-    retried = events(client, job["id"])[2]
-    assert (retried["type"], retried["from_status"], retried["to_status"]) == (
-        "retried",
-        "processing",
-        "pending",
-    )
-    assert retried["detail"]["retry_in_seconds"] == 30
+    released_event = events(client, job["id"])[2]
+    assert (
+        released_event["type"],
+        released_event["from_status"],
+        released_event["to_status"],
+        released_event["worker_id"],
+    ) == ("released", "processing", "pending", "w")
+    assert released_event["detail"] == {
+        "run_at": body["run_at"],
+        "attempts": 1,
+        "error_message": None,
+    }
 
 
 @pytest.mark.parametrize("error_message", [None, "not yet"])
@@ -474,20 +489,33 @@ def test_retry_in_seconds_on_a_pending_job_is_409_and_changes_nothing(
     assert len(claim(client)) == 1
 
 
-def test_retry_in_seconds_retries_a_failed_job_later(client, clock):
+def test_retry_in_seconds_bounds_release_for_now_or_a_day_later(client, clock):
     job = create(client)
     url = f"/extraction-jobs/{job['id']}"
-    client.patch(url, json={"status": "failed", "error_message": "boom"})
+    claim(client, "w")
     response = client.patch(url, json={"status": "pending", "retry_in_seconds": 0})
-    assert response.status_code == 200
-    assert response.json()["finished_at"] is None
-    assert len(claim(client)) == 1
-    client.patch(url, json={"status": "failed"})
+    assert response.status_code == 200, response.text
+    assert len(claim(client, "w")) == 1
     client.patch(url, json={"status": "pending", "retry_in_seconds": 86_400})
     clock.advance(86_399)
     assert claim(client) == []
     clock.advance(2)
     assert len(claim(client)) == 1
+
+
+@pytest.mark.parametrize("retry_in_seconds", [None, 0])
+def test_a_failed_job_is_not_retried_by_patch(client, retry_in_seconds):
+    # Finished is final: only the explicit retry (the job-control issue) may.
+    job = create(client)
+    url = f"/extraction-jobs/{job['id']}"
+    failed = client.patch(url, json={"status": "failed", "error_message": "boom"})
+    body = {"status": "pending", "retry_in_seconds": retry_in_seconds}
+    response = client.patch(url, json=body)
+    assert response.status_code == 409, response.text
+    assert "finished" in response.json()["detail"]
+    assert client.get(url).json() == failed.json()
+    assert claim(client) == []
+    assert kinds(client, job["id"]) == ["created", "failed"]
 
 
 @pytest.mark.parametrize(
@@ -595,15 +623,22 @@ def test_updated_by_and_actor_are_the_callers_sub(app, client):
     assert job.updated_by == "creator"
     [claimed] = service.claim(ClaimRequest(worker_id="w"), actor="worker-bot").jobs
     assert claimed.updated_by == "worker-bot"
-    beat = service.heartbeat(job.id, HeartbeatRequest(worker_id="w"), actor="beater")
-    assert beat.updated_by == "beater"
+    beat = service.heartbeat(
+        job.id, HeartbeatRequest(worker_id="w"), actor="worker-bot"
+    )
+    assert (beat.updated_by, beat.version) == ("worker-bot", claimed.version + 1)
+    released = service.update(
+        job.id, JobUpdate(status="pending", worker_id="w"), actor="worker-bot"
+    )
+    assert released.updated_by == "worker-bot"
     done = service.update(job.id, JobUpdate(status="completed"), actor="finisher")
     assert done.updated_by == "finisher"
-    assert [e.actor for e in service.events(job.id)] == [
-        "creator",
-        "worker-bot",
-        "beater",
-        "finisher",
+    history = service.events(job.id, after=0, limit=100).page.events
+    assert [(e.type, e.actor) for e in history] == [
+        ("created", "creator"),
+        ("claimed", "worker-bot"),
+        ("released", "worker-bot"),
+        ("completed", "finisher"),
     ]
 
 
@@ -616,6 +651,8 @@ def test_each_event_has_the_documented_shape(client):
     job = create(client)
     [event] = events(client, job["id"])
     assert set(event) == {
+        "id",
+        "job_id",
         "at",
         "type",
         "from_status",
@@ -625,33 +662,46 @@ def test_each_event_has_the_documented_shape(client):
         "detail",
     }
     assert event["at"] == job["created_at"]
+    assert event["job_id"] == job["id"]
+    assert isinstance(event["id"], int) and event["id"] > 0
     assert (event["type"], event["from_status"], event["to_status"]) == (
         "created",
         None,
         "pending",
     )
+    assert event["detail"] == {"run_at": job["run_at"]}
 
 
 def test_every_change_writes_one_event_in_order(client):
     job = create(client)
     url = f"/extraction-jobs/{job['id']}"
     claim(client, "w")
-    heartbeat(client, job["id"], "w")
-    client.patch(url, json={"status": "failed", "error_message": "bad scan"})
-    client.patch(url, json={"status": "pending"})
-    client.patch(url, json={"status": "pending"})  # no change, no event
-    client.patch(url, json={"status": "completed"})
+    assert heartbeat(client, job["id"], "w").status_code == 200  # no event
+    note = {"status": "processing", "error_message": "bad scan"}
+    assert client.patch(url, json=note).status_code == 200
+    release = {"status": "pending", "error_message": "retry later"}
+    for _ in range(2):  # the second changes nothing: no event
+        assert client.patch(url, json=release).status_code == 200
+    assert client.patch(url, json={"status": "processing"}).status_code == 200
+    give_up = {"status": "failed", "error_message": "gave up"}
+    for _ in range(2):  # the finishing request repeated: no event
+        assert client.patch(url, json=give_up).status_code == 200
     history = events(client, job["id"])
-    assert [e["type"] for e in history] == [
-        "created",
-        "claimed",
-        "heartbeat",
-        "status_changed",
-        "retried",
-        "status_changed",
+    assert [(e["type"], e["from_status"], e["to_status"]) for e in history] == [
+        ("created", None, "pending"),
+        ("claimed", "pending", "processing"),
+        ("updated", "processing", "processing"),
+        ("released", "processing", "pending"),
+        ("claimed", "pending", "processing"),
+        ("failed", "processing", "failed"),
     ]
-    assert history[3]["detail"] == {"error_message": "bad scan"}
+    assert history[2]["detail"] == {"error_message": "bad scan"}
+    assert history[3]["detail"]["error_message"] == "retry later"
+    assert history[4]["worker_id"] == "anonymous"  # taken by a PATCH, no worker_id
+    assert history[4]["detail"]["attempt"] == 2
+    assert history[5]["detail"] == {"error_message": "gave up", "attempts": 2}
     assert [e["at"] for e in history] == sorted(e["at"] for e in history)
+    assert [e["id"] for e in history] == sorted({e["id"] for e in history})
 
 
 def test_concurrent_claims_over_expired_leases_keep_events_and_jobs_in_step(
@@ -690,7 +740,7 @@ def test_concurrent_claims_over_expired_leases_keep_events_and_jobs_in_step(
         current = client.get(f"/extraction-jobs/{job['id']}").json()
         assert current["status"] == "failed"
         history = events(client, job["id"])
-        assert [e["type"] for e in history] == ["created", "claimed", "lease_expired"]
+        assert [e["type"] for e in history] == ["created", "claimed", "failed"]
     for job in claimed:
         current = client.get(f"/extraction-jobs/{job['id']}").json()
         history = events(client, job["id"])
@@ -734,16 +784,6 @@ def test_stats_counts_statuses_oldest_pending_and_expired_leases(client, clock):
 
 
 # --- cursor pages -------------------------------------------------------------------
-
-
-def next_link(response) -> str | None:
-    link = response.headers.get("Link")
-    if link is None:
-        return None
-    target, rel = link.split(";", 1)
-    assert rel.strip() == 'rel="next"'
-    assert target.startswith("<") and target.endswith(">")
-    return target[1:-1]
 
 
 def walk(client, **params) -> list[dict]:

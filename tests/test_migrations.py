@@ -332,3 +332,63 @@ def test_a_postgres_database_at_an_older_revision_answers_503(
     assert response.status_code == 503
     assert f"at revision older, this code needs {database.SCHEMA_HEAD}" in caplog.text
     engine.dispose()
+
+
+# What a new status changes, done to the migrated database behind the
+# models' back: the direct comparison must see it (Alembic's does not).
+SCRATCH_CHANGES = {
+    "check": (
+        "check ck_extraction_job_status",
+        {
+            "postgresql": [
+                "ALTER TABLE extraction_job DROP CONSTRAINT ck_extraction_job_status",
+                (
+                    "ALTER TABLE extraction_job ADD CONSTRAINT ck_extraction_job_status "
+                    "CHECK (status IN ('pending', 'processing', 'completed', 'failed', "
+                    "'cancelled'))"
+                ),
+            ],
+            # SQLite cannot alter a constraint; its schema text is the table's.
+            "sqlite": [
+                "PRAGMA writable_schema = ON",
+                (
+                    "UPDATE sqlite_master SET sql = replace(sql, '''failed'')', "
+                    "'''failed'', ''cancelled'')') WHERE name = 'extraction_job'"
+                ),
+                "PRAGMA writable_schema = OFF",
+            ],
+        },
+    ),
+    "partial index": (
+        "index ix_extraction_job_finished",
+        {
+            dialect: [
+                "DROP INDEX ix_extraction_job_finished",
+                (
+                    "CREATE INDEX ix_extraction_job_finished ON extraction_job "
+                    "(finished_at) WHERE status IN ('completed', 'failed', 'cancelled')"
+                ),
+            ]
+            for dialect in ("postgresql", "sqlite")
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("change", SCRATCH_CHANGES)
+def test_the_comparison_sees_a_changed_check_or_partial_index(empty_url, change):
+    changed, statements = SCRATCH_CHANGES[change]
+    database.upgrade_schema(empty_url)
+    engine = create_engine(empty_url, poolclass=NullPool)
+    with engine.begin() as connection:
+        for statement in statements[engine.dialect.name]:
+            connection.exec_driver_sql(statement)
+    engine.dispose()
+    migrated, modelled = model_checks_and_indexes(empty_url)
+    differing = {
+        name for name in migrated | modelled if migrated.get(name) != modelled.get(name)
+    }
+    assert differing == {changed}
+    assert "cancelled" in migrated[changed]
+    assert "cancelled" not in modelled[changed]
+    assert schema_differences(empty_url) == []  # what Alembic alone would miss

@@ -35,7 +35,7 @@ AUDIENCE = "https://extraction-jobs.example.invalid"
 ISSUER = "https://tenant.example.invalid/"
 CLOSED_PORT_POSTGRES = "postgresql://postgres@127.0.0.1:1/test"
 MISSING_SQLITE = "sqlite:////nonexistent-dir/for/sure/jobs.db"
-REFUSED_KEY = "refuse_me"  # metadata key a test-only constraint refuses
+REFUSED_KEY = "refuse_me"  # metadata/result key a test-only constraint refuses
 
 
 @pytest.fixture(scope="module")
@@ -233,8 +233,9 @@ def test_the_parameter_group_sets_what_the_server_log_test_uses():
 
 
 def refuse_metadata_key(url: str) -> None:
-    """A test-only constraint, so an insert fails with an error the app does
-    not handle: the way to an unhandled database error with the row in it."""
+    """A test-only constraint, so an insert or an update fails with an error
+    the app does not handle: the way to an unhandled database error with the
+    row in it."""
     engine = database.get_engine(url)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
@@ -246,17 +247,20 @@ def refuse_metadata_key(url: str) -> None:
             connection.execute(
                 text(
                     "ALTER TABLE extraction_job ADD CONSTRAINT log_scan_refuses "
-                    f"CHECK (NOT (metadata ? '{REFUSED_KEY}'))"
+                    f"CHECK ((metadata -> '{REFUSED_KEY}') IS NULL "
+                    f"AND (result -> '{REFUSED_KEY}') IS NULL)"
                 )
             )
         else:
-            connection.execute(
-                text(
-                    "CREATE TRIGGER log_scan_refuses BEFORE INSERT ON extraction_job "
-                    f"WHEN json_extract(NEW.metadata, '$.{REFUSED_KEY}') IS NOT NULL "
-                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            for write, column in (("INSERT", "metadata"), ("UPDATE", "result")):
+                connection.execute(
+                    text(
+                        f"CREATE TRIGGER log_scan_refuses_{write} BEFORE {write} "
+                        f"ON extraction_job WHEN json_extract(NEW.{column}, "
+                        f"'$.{REFUSED_KEY}') IS NOT NULL "
+                        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    )
                 )
-            )
 
 
 def drop_refusal(url: str) -> None:
@@ -269,7 +273,10 @@ def drop_refusal(url: str) -> None:
                 )
             )
         else:
-            connection.execute(text("DROP TRIGGER IF EXISTS log_scan_refuses"))
+            for write in ("INSERT", "UPDATE"):
+                connection.execute(
+                    text(f"DROP TRIGGER IF EXISTS log_scan_refuses_{write}")
+                )
 
 
 def provoke_every_error_path(
@@ -349,8 +356,24 @@ def provoke_every_error_path(
             "/extraction-jobs",
             {**job, "metadata": {REFUSED_KEY: markers.value("refused")}},
         )
+        # ...and in the one statement of a PATCH (its event's detail too)
+        statuses["unhandled patch"] = api.send(
+            "PATCH",
+            path,
+            {"status": "completed", "result": {REFUSED_KEY: markers.value("result")}},
+        )
     finally:
         drop_refusal(url)
+
+    # refusals explained from the job the same statement returned
+    finished = {"status": "completed", "result": {"r": markers.value("result")}}
+    statuses["finish"] = api.send("PATCH", path, finished)
+    statuses["finished"] = api.send(
+        "PATCH", path, {"status": "failed", "error_message": markers.value("error")}
+    )
+    statuses["not held"] = api.send(
+        "POST", f"{path}/heartbeat", {"worker_id": markers.value("worker")}
+    )
 
     # auth failures
     statuses["no sub"] = api.send(
@@ -427,6 +450,10 @@ EXPECTED = {
     "race replay": 201,
     "race reused": 422,
     "unhandled": 500,
+    "unhandled patch": 500,
+    "finish": 200,
+    "finished": 409,
+    "not held": 409,
     "no sub": 401,
     "expired": 401,
     "wrong audience": 401,

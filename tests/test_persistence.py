@@ -293,16 +293,24 @@ def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status):
     assert "TEMP B-TREE" not in plan, plan  # creation order comes from the index
 
 
-def _postgres_plan(url, statement):
+def _postgres_plan(url, statement, params=None):
+    """The plan of `statement`: with its values written in, or with `params`
+    sent as psycopg2 sends them (typed, e.g. '...'::timestamptz), which a
+    statement whose values meet in a UNION needs."""
     engine = database.get_engine(url)
-    sql = str(
-        statement.compile(
-            dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+    if params is None:
+        sql = str(
+            statement.compile(
+                dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+            )
         )
-    )
+        values = {}
+    else:
+        compiled = statement.compile(dialect=engine.dialect)
+        sql, values = compiled.string, compiled.construct_params(params)
     with engine.connect() as connection:
         connection.execute(text("SET enable_seqscan = off"))
-        rows = connection.exec_driver_sql(f"EXPLAIN {sql}").all()
+        rows = connection.exec_driver_sql(f"EXPLAIN {sql}", values).all()
         connection.rollback()
     return "\n".join(row[0] for row in rows)
 
@@ -321,8 +329,14 @@ def test_postgres_claim_uses_the_partial_pending_index():
     database.upgrade_schema(url)
     now = datetime.now(UTC)
     claim = drivers._pg_changes((repository.FAIL_EXHAUSTED, repository.CLAIM))
-    params = {"worker": "w", "limit": 5, "moment": now, "lease_until": now}
-    plan = _postgres_plan(url, claim.params(actor=None, **params))
+    params = {
+        "worker": "w",
+        "limit": 5,
+        "moment": now,
+        "lease_until": now,
+        "actor": None,
+    }
+    plan = _postgres_plan(url, claim, params)
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "ix_extraction_job_lease" in plan, plan  # the sweep in the same statement
     assert "LockRows" in plan, plan

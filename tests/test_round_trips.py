@@ -208,15 +208,23 @@ def test_every_request_type_is_one_round_trip(counted):
     assert len(sent) == 1, sent
 
 
-def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
+def test_a_patch_is_one_round_trip_refused_or_not(counted):
     client, count = counted()
     job = _job(client)
     url = f"/extraction-jobs/{job['id']}"
 
     moved, sent = count(lambda: client.patch(url, json={"status": "processing"}))
     assert (moved.status_code, moved.json()["attempts"]) == (200, 1)
-    # The conditional UPDATE and its event: one statement.
-    assert len(sent) == 1 and sent[0].startswith("WITH changed AS"), sent
+    # The conditional UPDATE, its event and the job as it stood: one statement.
+    assert len(sent) == 1 and sent[0].startswith("WITH picked_0 AS"), sent
+
+    for body, status in [
+        ({"status": "processing", "worker_id": "another"}, 409),  # not the holder
+        ({"status": "completed", "worker_id": "another"}, 409),
+    ]:
+        refused, sent = count(lambda body=body: client.patch(url, json=body))
+        assert refused.status_code == status, refused.text
+        assert len(sent) == 1, sent
 
     message, sent = count(
         lambda: client.patch(url, json={"status": "processing", "error_message": "x"})
@@ -234,10 +242,12 @@ def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
     assert matched.status_code == 200, matched.text
     assert len(sent) == 1, sent
 
+    # A refusal is explained from the job as the same statement saw it.
     for body, headers, status in [
         ({"status": "pending"}, {}, 409),  # completed is final
-        ({"status": "completed"}, {}, 200),  # already so: nothing to change
-        ({"status": "failed"}, {"If-Match": '"1"'}, 412),
+        ({"status": "failed"}, {"If-Match": '"1"'}, 409),  # final, whatever If-Match
+        ({"status": "completed"}, {}, 200),  # the finishing request repeated
+        ({"status": "completed"}, {"If-Match": '"1"'}, 200),
     ]:
         response, sent = count(
             lambda body=body, headers=headers: client.patch(
@@ -245,7 +255,18 @@ def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
             )
         )
         assert response.status_code == status, response.text
-        assert len(sent) == 2, sent
+        assert len(sent) == 1, sent
+
+    other = _job(client)
+    stale, sent = count(
+        lambda: client.patch(
+            f"/extraction-jobs/{other['id']}",
+            json={"status": "failed"},
+            headers={"If-Match": '"7"'},
+        )
+    )
+    assert stale.status_code == 412, stale.text
+    assert len(sent) == 1, sent
 
     missing, sent = count(
         lambda: client.patch(
@@ -253,7 +274,28 @@ def test_a_patch_is_one_round_trip_and_two_to_explain_a_refusal(counted):
         )
     )
     assert missing.status_code == 404
-    assert len(sent) == 2, sent
+    assert len(sent) == 1, sent
+
+
+def test_a_refused_heartbeat_is_one_round_trip(counted):
+    client, count = counted()
+    job = _job(client)
+    url = f"/extraction-jobs/{job['id']}/heartbeat"
+    beat = lambda worker: client.post(url, json={"worker_id": worker})
+    for worker, status in (("w", 409), ("w", 200), ("other", 409)):
+        if status == 200:  # now held by w
+            taken = {"status": "processing", "worker_id": "w"}
+            client.patch(f"/extraction-jobs/{job['id']}", json=taken)
+        response, sent = count(lambda worker=worker: beat(worker))
+        assert response.status_code == status, response.text
+        assert len(sent) == 1, sent
+    missing, sent = count(
+        lambda: client.post(
+            f"/extraction-jobs/{uuid.uuid4()}/heartbeat", json={"worker_id": "w"}
+        )
+    )
+    assert missing.status_code == 404
+    assert len(sent) == 1, sent
 
 
 def test_replaying_an_idempotent_create_reads_the_earlier_job(counted):
@@ -540,7 +582,7 @@ def test_the_claims_generic_plan_reads_the_pending_jobs_index(counted, statement
     [(name, parameters)] = _on_the_app_connection(
         url,
         "SELECT name, cardinality(parameter_types) FROM pg_prepared_statements "
-        "WHERE strpos(statement, 'due AS MATERIALIZED') > 0",
+        "WHERE strpos(statement, 'pick_1_0 AS MATERIALIZED') > 0",
     )
     nulls = ", ".join(["NULL"] * parameters)
     plan = "\n".join(

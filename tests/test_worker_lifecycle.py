@@ -69,19 +69,24 @@ def test_claimed_job_records_worker_start_attempts_and_version(client):
     assert client.get(f"/extraction-jobs/{job['id']}").json() == claimed
 
 
-def test_a_job_is_claimed_again_only_after_release_or_retry(client):
+def test_a_job_is_claimed_again_after_a_release_never_once_finished(client):
     job = create(client)
     url = f"/extraction-jobs/{job['id']}"
     assert len(claim(client)) == 1
     assert claim(client) == []  # already processing
-    client.patch(url, json={"status": "failed", "error_message": "OCR crashed"})
-    failed = client.get(url).json()
-    assert failed["finished_at"] is not None
-    client.patch(url, json={"status": "pending"})  # a retry
+    released = client.patch(url, json={"status": "pending", "worker_id": "worker-1"})
+    assert released.status_code == 200, released.text
     [again] = claim(client, worker_id="worker-2")
     assert again["attempts"] == 2
     assert again["worker_id"] == "worker-2"
     assert again["finished_at"] is None
+    client.patch(url, json={"status": "failed", "error_message": "OCR crashed"})
+    failed = client.get(url).json()
+    assert failed["finished_at"] is not None
+    retry = client.patch(url, json={"status": "pending"})
+    assert retry.status_code == 409, retry.text  # final: no retry by PATCH
+    assert claim(client, worker_id="worker-3") == []
+    assert client.get(url).json() == failed
 
 
 def test_finished_at_is_set_on_completion(client):
@@ -218,22 +223,37 @@ def test_patch_without_if_match_still_behaves_as_v1(client):
     assert client.patch(url, json={"status": "completed"}).status_code == 200
 
 
-def test_concurrent_patches_with_the_same_if_match_one_wins(client):
+@pytest.mark.parametrize(
+    ("bodies", "refusal"),
+    [
+        # Two workers take the job by hand: the loser's version is stale.
+        (
+            [
+                {"status": "processing", "worker_id": "a"},
+                {"status": "processing", "worker_id": "b"},
+            ],
+            412,
+        ),
+        # Two finishing requests: the loser meets a finished job, which is
+        # final whatever If-Match says.
+        ([{"status": "completed"}, {"status": "failed"}], 409),
+    ],
+    ids=["take", "finish"],
+)
+def test_concurrent_patches_with_the_same_if_match_one_wins(client, bodies, refusal):
     for round_ in range(5):
         job = create(client, f"race-{round_}")
         url = f"/extraction-jobs/{job['id']}"
         barrier = threading.Barrier(2)
 
-        def patch(status, url=url, barrier=barrier):
+        def patch(body, url=url, barrier=barrier):
             barrier.wait()
-            return client.patch(
-                url, json={"status": status}, headers={"If-Match": '"1"'}
-            )
+            return client.patch(url, json=body, headers={"If-Match": '"1"'})
 
         with ThreadPoolExecutor(max_workers=2) as pool:
-            responses = list(pool.map(patch, ["completed", "failed"]))
+            responses = list(pool.map(patch, bodies))
         codes = sorted(r.status_code for r in responses)
-        assert codes == [200, 412], [r.text for r in responses]
+        assert codes == sorted([200, refusal]), [r.text for r in responses]
         winner = next(r for r in responses if r.status_code == 200).json()
         assert client.get(url).json() == winner
         assert winner["version"] == 2

@@ -258,6 +258,12 @@ def _parse_id(job_id: str) -> uuid.UUID:
         raise JobNotFound(job_id) from None
 
 
+def _same_json(a: object, b: object) -> bool:
+    """The same JSON: numbers type for type (true is not 1, 1.0 is not 1,
+    -0.0 is not 0, as they are kept as sent), key order aside."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _same_request(job: Job, data: JobCreate) -> bool:
     # run_at was stored as max(requested, created_at): absent or past is "now".
     requested_run_at = (
@@ -265,16 +271,14 @@ def _same_request(job: Job, data: JobCreate) -> bool:
         if data.run_at is None or data.run_at <= job.created_at
         else data.run_at
     )
-    return (
+    return _same_json(job.metadata, data.metadata) and (
         job.document_id,
         job.priority,
-        job.metadata,
         job.max_attempts,
         job.run_at,
     ) == (
         data.document_id,
         data.priority,
-        data.metadata,
         data.max_attempts,
         requested_run_at,
     )
@@ -282,11 +286,10 @@ def _same_request(job: Job, data: JobCreate) -> bool:
 
 def _same_finish(job: Job, data: JobUpdate) -> bool:
     """`data` is the request that finished `job`, repeated."""
-    return (data.status, data.result, data.error_message) == (
+    return (data.status, data.error_message) == (
         job.status,
-        job.result,
         job.error_message,
-    )
+    ) and _same_json(data.result, job.result)
 
 
 def _not_held(job: Job, moved: Moved, worker_id: str | None, actor: str | None):

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 import database
 import lambda_handler
-from drivers import CREATE_LOCK_ID
 from main import create_app
 from models import FINISHED
 
@@ -955,21 +954,29 @@ def test_idempotent_create_with_a_future_run_at_replays(client, clock):
 
 
 def test_postgres_creates_wait_in_line_so_seq_order_is_commit_order(monkeypatch):
-    """A create takes CREATE_LOCK_ID before its `seq` and holds it until it
-    commits, so no job can commit behind a later one's cursor position."""
+    """A create takes the create clock's row lock before its `seq` and holds
+    it until it commits, so no job can commit behind a later one's cursor
+    position; and it takes its created_at from the clock, never before the
+    job before it."""
     url = backend_url("postgresql", None)
     monkeypatch.setenv("DATABASE_URL", url)
     client = TestClient(create_app())
     engine = database.get_engine(url)
+    ahead = "2999-01-01 00:00:00+00"
     with engine.connect() as holder:
-        holder.exec_driver_sql(f"SELECT pg_advisory_lock({CREATE_LOCK_ID})")
+        holder.exec_driver_sql(
+            f"UPDATE extraction_job_create_clock SET created_at = '{ahead}'"
+        )
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(create, client, "in-line")
             done, _ = wait([pending], timeout=0.5)
             assert not done  # waiting in line behind the holder
-            holder.exec_driver_sql(f"SELECT pg_advisory_unlock({CREATE_LOCK_ID})")
-            assert pending.result(timeout=10)["document_id"] == "in-line"
-        holder.rollback()
+            holder.commit()
+            job = pending.result(timeout=10)
+    assert job["document_id"] == "in-line"
+    # The clock went ahead while it waited: created_at follows it, not back.
+    assert job["created_at"] == "2999-01-01T00:00:00.000000+00:00"
+    assert job["run_at"] == job["created_at"] == job["updated_at"]
 
 
 # --- configuration ------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""Shared by the job-control, bulk and operator-list tests (issue 19): an app
+on the test's database, calls that assert their status, a job's whole
+history, and an auth-on app with tokens signed by a loopback JWKS server.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from jose import jwt
+from sqlalchemy import update
+
+import database
+from db_models import CREATE_CLOCK
+from main import create_app
+from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
+
+JOBS_URL = "/extraction-jobs"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def reset_create_clock(url: str) -> None:
+    """Empty tables also mean a create clock at the epoch: a test before
+    this one that moved its service clock ahead and created a job left the
+    clock there, and every job created after would share that instant.
+    (A fresh SQLite file starts at the epoch.)"""
+    if not url.startswith("postgresql"):
+        return
+    with database.get_engine(url).begin() as connection:
+        connection.execute(update(CREATE_CLOCK).values(created_at=EPOCH))
+
+
+def make_app(
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    clock: Callable[[], datetime] | None = None,
+) -> FastAPI:
+    monkeypatch.setenv("DATABASE_URL", url)
+    app = create_app()
+    reset_create_clock(url)
+    if clock is not None:
+        app.state.service.clock = clock
+    return app
+
+
+def ok(response: Any, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def create(client: TestClient, document_id: str = "doc", **fields: Any) -> dict:
+    return ok(client.post(JOBS_URL, json={"document_id": document_id, **fields}), 201)
+
+
+def claim(
+    client: TestClient, worker_id: str = "worker-1", limit: int = 1, **fields: Any
+) -> list[dict]:
+    body = {"worker_id": worker_id, "limit": limit, **fields}
+    return ok(client.post(f"{JOBS_URL}/claim", json=body))
+
+
+def job(client: TestClient, job_id: str) -> dict:
+    return ok(client.get(f"{JOBS_URL}/{job_id}"))
+
+
+def heartbeat(client: TestClient, job_id: str, worker_id: str, **fields: Any):
+    return client.post(
+        f"{JOBS_URL}/{job_id}/heartbeat", json={"worker_id": worker_id, **fields}
+    )
+
+
+def patch(client: TestClient, job_id: str, **body: Any):
+    return client.patch(f"{JOBS_URL}/{job_id}", json=body)
+
+
+def cancel(client: TestClient, job_id: str, **body: Any):
+    return client.post(f"{JOBS_URL}/{job_id}/cancel", json=body)
+
+
+def retry(client: TestClient, job_id: str, **body: Any):
+    return client.post(f"{JOBS_URL}/{job_id}/retry", json=body)
+
+
+def release(client: TestClient, job_id: str, worker_id: str, **body: Any):
+    return client.post(
+        f"{JOBS_URL}/{job_id}/release", json={"worker_id": worker_id, **body}
+    )
+
+
+def bulk(client: TestClient, **body: Any):
+    return client.post(f"{JOBS_URL}/bulk", json=body)
+
+
+def events(client: TestClient, job_id: str) -> list[dict]:
+    """The job's whole history, every page."""
+    found, after = [], 0
+    while True:
+        page = ok(
+            client.get(
+                f"{JOBS_URL}/{job_id}/events", params={"after": after, "limit": 1000}
+            )
+        )
+        found += page
+        if len(page) < 1000:
+            return found
+        after = page[-1]["id"]
+
+
+def kinds(client: TestClient, job_id: str) -> list[str]:
+    return [event["type"] for event in events(client, job_id)]
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def sleep_past(instant: str, margin: float = 0.3) -> None:
+    """Really wait (no test clock) until `instant` has passed."""
+    remaining = (ts(instant) - datetime.now(UTC)).total_seconds() + margin
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+def assert_422(response: Any) -> list[dict]:
+    """A 422 that says what is wrong, in FastAPI's list form."""
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, list) and detail, detail
+    assert all(problem["msg"] for problem in detail), detail
+    return detail
+
+
+# --- auth on ---------------------------------------------------------------------
+
+AUDIENCE = "https://extraction-jobs.example.invalid"
+ISSUER = "https://ops-tenant.example.invalid/"
+READ = "read:extraction-jobs"
+WRITE = "write:extraction-jobs"
+ADMIN = "admin:extraction-jobs"
+
+
+class Tokens:
+    """Signs RS256 tokens the app accepts, granting permissions through
+    Auth0's RBAC `permissions` claim."""
+
+    def __init__(self, key: RsaTestKey) -> None:
+        self.key = key
+
+    def __call__(self, sub: str, *permissions: str) -> dict[str, str]:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "sub": sub,
+            "iat": now,
+            "exp": now + 600,
+            "permissions": list(permissions),
+        }
+        token = jwt.encode(
+            claims,
+            self.key.private_pem,
+            algorithm="RS256",
+            headers={"kid": self.key.kid},
+        )
+        return {"Authorization": f"Bearer {token}"}
+
+
+def secured_app(
+    url: str, monkeypatch: pytest.MonkeyPatch, server: JwksServer
+) -> FastAPI:
+    """An app with auth on (against `server`), on the test's database."""
+    use_jwks(monkeypatch, server, issuer=ISSUER, audience=AUDIENCE)
+    monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    return make_app(url, monkeypatch)
+
+
+def jwks_serving(key: RsaTestKey) -> Iterator[JwksServer]:
+    server = JwksServer().start()
+    server.keys = [key.public_jwk()]
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -145,21 +145,26 @@ ADMIN = "admin:extraction-jobs"
 
 class Tokens:
     """Signs RS256 tokens the app accepts, granting permissions through
-    Auth0's RBAC `permissions` claim."""
+    Auth0's RBAC `permissions` claim (or, `as_scope`, the `scope` claim)."""
 
     def __init__(self, key: RsaTestKey) -> None:
         self.key = key
 
-    def __call__(self, sub: str, *permissions: str) -> dict[str, str]:
+    def __call__(
+        self, sub: str, *permissions: str, as_scope: bool = False
+    ) -> dict[str, str]:
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
             "iss": ISSUER,
             "aud": AUDIENCE,
             "sub": sub,
             "iat": now,
             "exp": now + 600,
-            "permissions": list(permissions),
         }
+        if as_scope:
+            claims["scope"] = " ".join(permissions)
+        else:
+            claims["permissions"] = list(permissions)
         token = jwt.encode(
             claims,
             self.key.private_pem,
@@ -170,11 +175,17 @@ class Tokens:
 
 
 def secured_app(
-    url: str, monkeypatch: pytest.MonkeyPatch, server: JwksServer
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    server: JwksServer,
+    *,
+    require_scopes: bool = True,
 ) -> FastAPI:
     """An app with auth on (against `server`), on the test's database."""
     use_jwks(monkeypatch, server, issuer=ISSUER, audience=AUDIENCE)
     monkeypatch.delenv("AWS_LAMBDA_FUNCTION_NAME", raising=False)
+    if not require_scopes:
+        monkeypatch.setenv("AUTH_REQUIRE_SCOPES", "0")
     return make_app(url, monkeypatch)
 
 

@@ -4,18 +4,19 @@ history, and an auth-on app with tokens signed by a loopback JWKS server.
 """
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from jose import jwt
-from sqlalchemy import update
+from sqlalchemy import func, insert, select, update
 
 import database
-from db_models import CREATE_CLOCK
+from db_models import CREATE_CLOCK, EVENTS, JOBS
 from main import create_app
 from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
@@ -45,6 +46,67 @@ def make_app(
     if clock is not None:
         app.state.service.clock = clock
     return app
+
+
+def seed(app: FastAPI, count: int, document_id: str, **fields: Any) -> list[str]:
+    """`count` pending jobs as creates would store them (with their
+    `created` events, created_at 1 µs apart in creation order, the create
+    clock moved on), in one transaction rather than a commit each: a
+    thousand creates on SQLite, one fsync each, take over ten seconds.
+    Their ids, in creation order."""
+    url = app.state.service.repository.url
+    database.ensure_schema(url)
+    with database.get_engine(url).begin() as connection:
+        clock = connection.execute(select(func.max(CREATE_CLOCK.c.created_at))).scalar()
+        start = max(app.state.service.clock(), clock or EPOCH)
+        jobs, events = [], []
+        for n in range(count):
+            at = start + timedelta(microseconds=n + 1)
+            job_id = uuid.uuid4()
+            jobs.append(
+                {
+                    "id": job_id,
+                    "document_id": document_id,
+                    "status": "pending",
+                    "priority": fields.get("priority", 0),
+                    "max_attempts": fields.get("max_attempts", 3),
+                    "attempts": 0,
+                    "version": 1,
+                    "created_at": at,
+                    "updated_at": at,
+                    "run_at": at,
+                }
+            )
+            iso = at.isoformat(timespec="microseconds")
+            events.append(
+                {
+                    "job_id": job_id,
+                    "at": at,
+                    "type": "created",
+                    "to_status": "pending",
+                    "detail": {"run_at": iso},
+                }
+            )
+        connection.execute(insert(JOBS), jobs)
+        connection.execute(insert(EVENTS), events)
+        connection.execute(
+            update(CREATE_CLOCK).values(created_at=jobs[-1]["created_at"])
+        )
+    return [str(row["id"]) for row in jobs]
+
+
+def histories(app: FastAPI) -> dict[str, list[str]]:
+    """Every job's event types, oldest first, read in one query (for tests
+    that check thousands of histories)."""
+    url = app.state.service.repository.url
+    found: dict[str, list[str]] = {}
+    with database.get_engine(url).connect() as connection:
+        rows = connection.execute(
+            select(EVENTS.c.job_id, EVENTS.c.type).order_by(EVENTS.c.seq)
+        )
+        for job_id, kind in rows:
+            found.setdefault(str(job_id), []).append(kind)
+    return found
 
 
 def ok(response: Any, status: int = 200) -> Any:

@@ -18,6 +18,7 @@ from sqlalchemy import func, insert, select, update
 import database
 from db_models import CREATE_CLOCK, EVENTS, JOBS
 from main import create_app
+from models import FINISHED
 from tests.jwks_server import JwksServer, RsaTestKey, use_jwks
 
 JOBS_URL = "/extraction-jobs"
@@ -48,12 +49,20 @@ def make_app(
     return app
 
 
-def seed(app: FastAPI, count: int, document_id: str, **fields: Any) -> list[str]:
-    """`count` pending jobs as creates would store them (with their
-    `created` events, created_at 1 µs apart in creation order, the create
-    clock moved on), in one transaction rather than a commit each: a
-    thousand creates on SQLite, one fsync each, take over ten seconds.
-    Their ids, in creation order."""
+def seed(
+    app: FastAPI,
+    count: int,
+    document_id: str,
+    *,
+    status: str = "pending",
+    with_events: bool = True,
+    **fields: Any,
+) -> list[str]:
+    """`count` jobs as creates would store them (with their `created`
+    events, created_at 1 µs apart in creation order, the create clock moved
+    on), in one transaction rather than a commit each: a thousand creates
+    on SQLite, one fsync each, take over ten seconds. A finished `status`
+    is as if it had been reached at once. Their ids, in creation order."""
     url = app.state.service.repository.url
     database.ensure_schema(url)
     with database.get_engine(url).begin() as connection:
@@ -67,7 +76,8 @@ def seed(app: FastAPI, count: int, document_id: str, **fields: Any) -> list[str]
                 {
                     "id": job_id,
                     "document_id": document_id,
-                    "status": "pending",
+                    "status": status,
+                    "finished_at": at if status in FINISHED else None,
                     "priority": fields.get("priority", 0),
                     "max_attempts": fields.get("max_attempts", 3),
                     "attempts": 0,
@@ -88,7 +98,8 @@ def seed(app: FastAPI, count: int, document_id: str, **fields: Any) -> list[str]
                 }
             )
         connection.execute(insert(JOBS), jobs)
-        connection.execute(insert(EVENTS), events)
+        if with_events:
+            connection.execute(insert(EVENTS), events)
         connection.execute(
             update(CREATE_CLOCK).values(created_at=jobs[-1]["created_at"])
         )

@@ -539,6 +539,76 @@ def test_actions_on_a_job_that_does_not_exist_are_404(client, job_id):
         assert job_id in response.json()["detail"]
 
 
+# --- bad input -------------------------------------------------------------------------
+
+BAD_BODIES = {
+    "cancel": {
+        "unknown field": {"reason": "x", "force": True},
+        "reason too long": {"reason": "x" * 1001},
+        "reason of wrong type": {"reason": 5},
+        "NUL in reason": {"reason": "a\u0000b"},
+        "body not an object": ["stop"],
+    },
+    "retry": {
+        "unknown field": {"attempts": 0},
+        "naive run_at": {"run_at": "2030-01-01T09:00:00"},
+        "run_at as epoch seconds": {"run_at": 1893488400},
+        "run_at not a time": {"run_at": "tomorrow"},
+        "priority too high": {"priority": 11},
+        "priority negative": {"priority": -1},
+        "priority as text": {"priority": "5"},
+        "priority as float": {"priority": 5.0},
+        "priority as boolean": {"priority": True},
+    },
+    "release": {
+        "no worker_id": {},
+        "empty worker_id": {"worker_id": ""},
+        "worker_id of wrong type": {"worker_id": 7},
+        "unknown field": {"worker_id": "w1", "attempts": 0},
+        "negative delay": {"worker_id": "w1", "retry_in_seconds": -1},
+        "delay over a day": {"worker_id": "w1", "retry_in_seconds": 86_401},
+        "delay as text": {"worker_id": "w1", "retry_in_seconds": "5"},
+    },
+}
+BAD_CASES = [(route, case) for route, cases in BAD_BODIES.items() for case in cases]
+
+
+@pytest.mark.parametrize("route, case", BAD_CASES)
+def test_bad_bodies_are_422_with_a_detail_and_change_nothing(client, route, case):
+    created = create(client)
+    claim(client, "w1")
+    before = job(client, created["id"])
+    response = client.post(
+        f"/extraction-jobs/{created['id']}/{route}", json=BAD_BODIES[route][case]
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, list) and all(problem["msg"] for problem in detail)
+    assert job(client, created["id"]) == before
+
+
+@pytest.mark.parametrize("route", ["cancel", "retry", "release"])
+def test_a_body_that_is_not_json_is_refused_with_a_detail(client, route):
+    created = create(client)
+    url = f"/extraction-jobs/{created['id']}/{route}"
+    malformed = client.post(
+        url, content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 422, malformed.text
+    assert malformed.json()["detail"]
+    as_text = client.post(
+        url, content=b"reason", headers={"Content-Type": "text/plain"}
+    )
+    assert as_text.status_code == 415, as_text.text
+    assert as_text.json()["detail"]
+
+
+def test_a_reason_of_1000_characters_is_kept(client):
+    created = create(client)
+    ok(cancel(client, created["id"], reason="é" * 1000))
+    assert last_event(client, created["id"])["detail"] == {"reason": "é" * 1000}
+
+
 # --- metrics ----------------------------------------------------------------------------
 
 

@@ -539,6 +539,32 @@ def test_actions_on_a_job_that_does_not_exist_are_404(client, job_id):
         assert job_id in response.json()["detail"]
 
 
+# --- retention -------------------------------------------------------------------------
+
+
+def test_retention_deletes_cancelled_jobs_like_the_other_finished_ones(
+    app, client, clock: Clock
+):
+    app.state.service.retention_days = 7
+    cancelled = create(client, "cancelled")
+    completed = create(client, "completed")
+    asked = create(client, "asked")  # processing, cancel requested: not finished
+    waiting = create(client, "waiting")
+    ok(cancel(client, cancelled["id"]))
+    ok(patch(client, completed["id"], status="completed"))
+    ok(patch(client, asked["id"], status="processing", worker_id="w1"))
+    ok(heartbeat(client, asked["id"], "w1", lease_seconds=43_200))
+    ok(cancel(client, asked["id"]))
+    clock.advance(8 * 86_400)
+    ok(heartbeat(client, asked["id"], "w1", lease_seconds=43_200))
+    assert run_sweep(app)["jobs_deleted"] == 2
+    for gone in (cancelled, completed):
+        assert client.get(f"/extraction-jobs/{gone['id']}").status_code == 404
+        assert client.get(f"/extraction-jobs/{gone['id']}/events").status_code == 404
+    assert job(client, asked["id"])["status"] == "processing"
+    assert job(client, waiting["id"])["status"] == "pending"
+
+
 # --- bad input -------------------------------------------------------------------------
 
 BAD_BODIES = {

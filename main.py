@@ -492,6 +492,9 @@ async def release_job(
     "/{job_id}",
     response_model=Job,
     summary="Change a job's status",
+    description="A processing job changes only for its lease holder; a token with "
+    f"`{ADMIN_SCOPE}` that names no `worker_id` may change a job another subject "
+    "holds (the override, recorded as its actor).",
     dependencies=JSON_BODY,
     responses={
         200: {"headers": ETAG},

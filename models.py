@@ -382,7 +382,7 @@ class JobFilter(BaseModel):
     )
 
     def is_empty(self) -> bool:
-        return all(value is None for value in self.model_dump().values())
+        return not any(self.model_dump().values())  # None, or an empty status list
 
 
 class BulkAction(StrEnum):

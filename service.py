@@ -658,7 +658,9 @@ class JobService:
             if moved.changed:
                 self._moved([(moved.old_status, moved.job)])
                 return job
-            if job.status == JobStatus.CANCELLED or job.cancel_requested_at:
+            if job.status == JobStatus.CANCELLED or (
+                job.status == JobStatus.PROCESSING and job.cancel_requested_at
+            ):
                 return job
             if job.status in FINISHED:
                 raise JobFinished(job.status)

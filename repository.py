@@ -824,22 +824,14 @@ def _stats() -> Select:
     """Per status: a count exact up to EXACT_COUNT_CAP, else the database's
     estimate (where it has one), and which it is; the due pending job that
     waited longest (by run_at); the expired leases. One query, each part an
-    index range of bounded length or an index probe."""
+    index range of bounded length or an index probe, each measured once (a
+    MATERIALIZED CTE: inlined, every use of a count would count again)."""
     now = bindparam("now", type_=UTCDateTime())
-    columns = []
+    measures = []
     for status in JobStatus:
-        capped = _capped_count(JOBS.c.status == status.value)
-        estimate = estimated_count(JOBS.c.status, status.value)
-        estimated = and_(capped > EXACT_COUNT_CAP, estimate.is_not(None))
-        exact = (
-            select(func.count()).where(JOBS.c.status == status.value).scalar_subquery()
-        )
-        count = case(
-            (estimated, estimate), (capped > EXACT_COUNT_CAP, exact), else_=capped
-        )
-        columns += [
-            count.label(status.value),
-            estimated.label(f"{status.value}_estimated"),
+        measures += [
+            _capped_count(JOBS.c.status == status.value).label(f"{status}_capped"),
+            estimated_count(JOBS.c.status, status.value).label(f"{status}_estimate"),
         ]
     oldest_due = (
         select(func.min(JOBS.c.run_at))
@@ -851,8 +843,30 @@ def _stats() -> Select:
         .where(JOBS.c.status == PROCESSING, JOBS.c.lease_expires_at <= now)
         .scalar_subquery()
     )
+    measured = (
+        select(*measures, oldest_due.label("oldest_due"), expired.label("expired"))
+        .cte("measured")
+        .prefix_with("MATERIALIZED")
+    )
+    columns = []
+    for status in JobStatus:
+        capped = measured.c[f"{status}_capped"]
+        estimate = measured.c[f"{status}_estimate"]
+        over = capped > EXACT_COUNT_CAP
+        estimated = and_(over, estimate.is_not(None))
+        # Beyond the cap with no estimate (never analyzed): counted in full.
+        exact = select(func.count()).where(JOBS.c.status == status.value)
+        count = case(
+            (estimated, estimate), (over, exact.scalar_subquery()), else_=capped
+        )
+        columns += [
+            count.label(status.value),
+            estimated.label(f"{status}_estimated"),
+        ]
     return select(
-        *columns, oldest_due.label("oldest_due"), expired.label("expired_leases")
+        *columns,
+        measured.c.oldest_due.label("oldest_due"),
+        measured.c.expired.label("expired_leases"),
     )
 
 

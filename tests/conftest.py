@@ -31,13 +31,14 @@ for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
 warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, text
+from sqlalchemy import delete, text, update
 
 import database
-from db_models import EVENTS, JOBS, metadata
+from db_models import CREATE_CLOCK, EVENTS, JOBS, OUTBOX, metadata
 from main import create_app
 
 IN_CI = os.environ.get("CI") == "true"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
 API_URL = os.environ.get("API_URL", "").strip()
 BACKENDS = ["sqlite", "postgresql"]
@@ -79,6 +80,10 @@ def empty_postgres(url: str) -> None:
     with engine.begin() as connection:
         connection.execute(delete(JOBS))
         connection.execute(delete(EVENTS))
+        connection.execute(delete(OUTBOX))
+        # A test whose clock ran ahead must not leave the next one's jobs
+        # created in its future.
+        connection.execute(update(CREATE_CLOCK).values(created_at=EPOCH))
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

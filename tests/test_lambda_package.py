@@ -185,7 +185,7 @@ def test_isolated_interpreter_serves_api_gateway_events(
     isolated: tuple[str, IsolatedLambda],
 ) -> None:
     backend, lambda_ = isolated
-    health = lambda_.invoke(http_api_event("GET", "/health"))
+    health = lambda_.invoke(http_api_event("GET", "/health", query="deep=1"))
     assert (health["statusCode"], response_json(health)["database"]) == (200, "ok")
 
     body = {"document_id": "isolated.pdf", "priority": 3}

@@ -369,12 +369,29 @@ def _postgres_engine(url: str) -> Engine:
         # prepared() is a no-op. And the session is in UTC only when the
         # startup options say so (UTCDateTime converts otherwise).
         _run_prepared(engine)
-        engine.dialect.session_time_zone = "UTC"
+        _keep_sessions_in_utc(engine)
     if config.db_iam_auth:
         use_iam_auth(engine, config.aws_region)
 
     _watchdog.ensure_running()
     return engine
+
+
+def _keep_sessions_in_utc(engine: Engine) -> None:
+    """Every session in UTC, as the startup options ask: then UTCDateTime
+    needs no per-value conversion (it reads the dialect's mark). Only a
+    `PGTZ` in the environment can win over the options; that connection is
+    set back, with one `SET` when it connects."""
+    engine.dialect.session_time_zone = "UTC"
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        if dbapi_connection.info.parameter_status("TimeZone") != "UTC":
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TimeZone = 'UTC'")
+            dbapi_connection.autocommit = autocommit
 
 
 def use_iam_auth(engine: Engine, region: str | None = None) -> None:

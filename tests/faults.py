@@ -132,7 +132,9 @@ def tarpit() -> Iterator[int]:
 def iptables_usable() -> bool:
     if shutil.which("iptables") is None or os.geteuid() != 0:
         return False
-    listed = subprocess.run(["iptables", "-w", "-L", "INPUT", "-n"], check=False)
+    listed = subprocess.run(
+        ["iptables", "-w", "-L", "INPUT", "-n"], check=False, capture_output=True
+    )
     return listed.returncode == 0
 
 

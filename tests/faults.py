@@ -17,6 +17,7 @@ Each needs what it needs (iptables and root, the pgbouncer binary); `require`
 
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -310,3 +311,145 @@ class Uvicorn:
 
 def clients(urls: list[str]) -> list[httpx.Client]:
     return [httpx.Client(base_url=url, timeout=60) for url in urls]
+
+
+class TlsTerminator(Forwarder):
+    """A forwarder that speaks TLS to the client, as PostgreSQL does after an
+    SSLRequest, with `certificate`/`key` (PEM files), and relays the
+    decrypted stream to the plain server."""
+
+    SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+    GSS_REQUEST = (8).to_bytes(4, "big") + (80877104).to_bytes(4, "big")
+
+    def __init__(self, certificate: Path, key: Path) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certificate, key)
+        self.handshakes = 0
+        super().__init__()
+
+    def _serve(self, client: socket.socket) -> None:
+        import ssl
+
+        try:
+            request = _read_exactly(client, 8)
+            if request == self.GSS_REQUEST:  # no GSSAPI here: ask again
+                client.sendall(b"N")
+                request = _read_exactly(client, 8)
+            if request != self.SSL_REQUEST:
+                raise OSError("the client did not ask for TLS")
+            client.sendall(b"S")
+            secured = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):
+            _close(client)  # a refused certificate ends here
+            return
+        self.handshakes += 1
+        upstream = socket.create_connection(self.target)
+        # One thread for both directions: an SSL socket is not to be read
+        # and written from two threads at once.
+        try:
+            while True:
+                ready = [secured] if secured.pending() else []
+                ready = ready or select.select([secured, upstream], [], [])[0]
+                for source in ready:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    (upstream if source is secured else secured).sendall(data)
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            _close(secured)
+            _close(upstream)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("closed")
+        data += chunk
+    return data
+
+
+def certificate_authority(directory: Path, name: str) -> tuple[Path, object, object]:
+    """A self-signed CA: its PEM file, its certificate and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _days(1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    path = directory / f"{name}.pem"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return path, certificate, key
+
+
+def server_certificate(
+    directory: Path, authority: tuple[Path, object, object], host: str
+) -> tuple[Path, Path]:
+    """A certificate for `host` (an IP address or a DNS name) signed by
+    `authority`: its PEM file and its key's."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    _, ca_certificate, ca_key = authority
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        alternative = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alternative = x509.DNSName(host)
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _days(1))
+        .add_extension(x509.SubjectAlternativeName([alternative]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    certificate_path = directory / f"{host}.pem"
+    key_path = directory / f"{host}.key"
+    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate_path, key_path
+
+
+def _now():
+    from datetime import UTC, datetime, timedelta
+
+    return datetime.now(UTC) - timedelta(minutes=5)
+
+
+def _days(count: int):
+    from datetime import timedelta
+
+    return timedelta(days=count)

@@ -36,6 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 POSTGRES = ("127.0.0.1", 5432)
 
 
+def tool(name: str) -> str | None:
+    """Where a Debian tool is, /usr/sbin included (not on every PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -131,10 +136,10 @@ def tarpit() -> Iterator[int]:
 
 
 def iptables_usable() -> bool:
-    if shutil.which("iptables") is None or os.geteuid() != 0:
+    if tool("iptables") is None or os.geteuid() != 0:
         return False
     listed = subprocess.run(
-        ["iptables", "-w", "-L", "INPUT", "-n"], check=False, capture_output=True
+        [tool("iptables"), "-w", "-L", "INPUT", "-n"], check=False, capture_output=True
     )
     return listed.returncode == 0
 
@@ -152,21 +157,25 @@ def partition(port: int) -> Iterator[None]:
     try:
         for rule in rules:
             subprocess.run(
-                ["iptables", "-w", "-I", "INPUT", *rule, "-j", "DROP"], check=True
+                [tool("iptables"), "-w", "-I", "INPUT", *rule, "-j", "DROP"], check=True
             )
             added.append(rule)
         yield
     finally:
         for rule in added:
             subprocess.run(
-                ["iptables", "-w", "-D", "INPUT", *rule, "-j", "DROP"], check=False
+                [tool("iptables"), "-w", "-D", "INPUT", *rule, "-j", "DROP"],
+                check=False,
             )
 
 
 def rules_left(port: int) -> str:
     """The INPUT rules still naming `port` (none, after `partition`)."""
     listed = subprocess.run(
-        ["iptables", "-w", "-S", "INPUT"], check=True, capture_output=True, text=True
+        [tool("iptables"), "-w", "-S", "INPUT"],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return "\n".join(line for line in listed.stdout.splitlines() if str(port) in line)
 
@@ -227,7 +236,7 @@ pidfile = {self.dir / "pgbouncer.pid"}
         return f"postgresql://{user}@127.0.0.1:{self.port}/{self.alias}"
 
     def start(self) -> "PgBouncer":
-        command = ["pgbouncer", str(self.config)]
+        command = [tool("pgbouncer") or "pgbouncer", str(self.config)]
         if os.geteuid() == 0:
             os.chown(self.dir, pwd.getpwnam("postgres").pw_uid, -1)
             for path in self.dir.iterdir():

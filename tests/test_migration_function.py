@@ -10,7 +10,6 @@ trying as that role.
 
 import json
 import secrets
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import boto3
 import pytest
 from conftest import postgres_url, require
 from fastapi.testclient import TestClient
-from faults import PgBouncer
+from faults import PgBouncer, tool
 from psycopg2.errors import InsufficientPrivilege
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -291,7 +290,7 @@ def test_with_rds_proxy_the_role_logs_in_with_a_password_kept_in_its_secret(
     password, keeps it there, and gives the role only its SCRAM verifier;
     PgBouncer, an independent SCRAM implementation, checks that the password
     opens it."""
-    require(shutil.which("pgbouncer") is not None, "pgbouncer is not installed")
+    require(tool("pgbouncer") is not None, "pgbouncer is not installed")
     client, app = deployment["secrets"], deployment["app"]
     arn = client.create_secret(Name=f"{app}-proxy")["ARN"]  # no value, as Terraform
     monkeypatch.setenv("DB_APP_SECRET_ARN", arn)

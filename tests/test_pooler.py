@@ -13,7 +13,6 @@ whatever the session's time zone.
 """
 
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from conftest import empty_postgres, postgres_url, require
 from fastapi.testclient import TestClient
-from faults import PgBouncer, Uvicorn
+from faults import PgBouncer, Uvicorn, tool
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 from test_round_trips import counted, statement_log  # noqa: F401 (fixtures)
@@ -87,7 +86,7 @@ def pooled_role(url: str) -> Iterator[str]:
 
 @pytest.fixture
 def bouncer(url: str, pooled_role: str) -> Iterator[PgBouncer]:
-    require(shutil.which("pgbouncer") is not None, "pgbouncer is not installed")
+    require(tool("pgbouncer") is not None, "pgbouncer is not installed")
     name = make_url(url).database
     pgbouncer = PgBouncer(
         name, alias=f"{name}_pool", pool_size=SERVER_CONNECTIONS, user=pooled_role

@@ -165,11 +165,8 @@ class _Watchdog:
             self.running_in = os.getpid()
             threading.Thread(target=self._run, name="db-deadline", daemon=True).start()
 
-    def watch(self, connection: Any) -> None:
-        self.busy[id(connection)] = (
-            time.monotonic() + connection.deadline_s,
-            connection,
-        )
+    def watch(self, connection: Any, now: Callable[[], float] = time.monotonic) -> None:
+        self.busy[id(connection)] = (now(), connection)  # when it started
 
     def release(self, connection: Any) -> bool:
         """Done with the statement; True if the watchdog had shut it down."""
@@ -181,7 +178,7 @@ class _Watchdog:
             time.sleep(WATCHDOG_INTERVAL_S)
             now = time.monotonic()
             for key, entry in list(self.busy.items()):
-                if entry[0] <= now:
+                if now - entry[0] >= entry[1].deadline_s:
                     self._abandon(key, entry)
 
     def _abandon(self, key: int, entry: tuple[float, Any]) -> None:

@@ -172,3 +172,12 @@ resource "aws_lambda_alias" "live" {
   function_name    = aws_lambda_function.api.function_name
   function_version = aws_lambda_function.api.version
 }
+
+# A warning in every plan: without RDS Proxy, every instance's pool is held
+# on the database itself.
+check "connections_fit_without_a_proxy" {
+  assert {
+    condition     = var.enable_rds_proxy || local.db_connection_cap <= 80
+    error_message = "lambda_reserved_concurrency x a pool of 2 = ${local.db_connection_cap} connections, more than db.t4g.micro's max_connections leaves (about 80): set enable_rds_proxy = true, or lower the concurrency."
+  }
+}

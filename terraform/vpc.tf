@@ -161,6 +161,7 @@ resource "aws_security_group" "database" {
 }
 
 resource "aws_security_group" "proxy" {
+  #checkov:skip=CKV2_AWS_5:Attached to aws_db_proxy.main (vpc_security_group_ids, proxy.tf), which exists exactly when this group does
   count = local.proxy_count
 
   name        = "${var.name}-rds-proxy"

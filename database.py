@@ -185,18 +185,19 @@ class _Watchdog:
         from psycopg2 import InterfaceError
 
         connection = entry[1]
+        reason = f"no answer within {connection.deadline_s:g} s"
         with self.lock:
             if self.busy.get(key) is not entry:
                 return  # it answered meanwhile
             del self.busy[key]
+            # Before the statement fails: its retry must find the gate closed.
+            connection.gate.silent(reason)
             try:
                 with socket.socket(fileno=os.dup(connection.fileno())) as dup:
                     dup.shutdown(socket.SHUT_RDWR)
             except (OSError, InterfaceError):  # closed meanwhile: nothing to wake
                 return
-        reason = f"no answer within {connection.deadline_s:g} s"
         logger.error("database connection shut down: %s", reason)
-        connection.gate.silent(reason)
 
 
 # Deadlines are kept to this precision.
@@ -455,6 +456,10 @@ def prepared(statement: E) -> E:
     Never for a statement that carries a per-call value other than as a named
     `bindparam` (`JOBS.c.id == job_id`): that value would be fixed, and each
     call prepare a statement of its own.
+
+    Behind a pooler (`DB_POOLER=1`) the mark does nothing: the statement goes
+    as text, as every other, since the next transaction may run on a server
+    connection that never saw the PREPARE.
     """
     return statement.execution_options(**{PREPARED: True})
 

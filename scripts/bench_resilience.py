@@ -89,33 +89,6 @@ def deadline_cost(url: str, rounds: int) -> None:
         )
 
 
-def limited_role(url: str, limit: int) -> str:
-    """The app's role as the migration makes it, allowed `limit` connections;
-    returns its name."""
-    from sqlalchemy import create_engine, make_url, text
-    from sqlalchemy.pool import NullPool
-
-    import database
-    import migration
-    import settings
-
-    role = f"{make_url(url).database}_app"
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "DO $$ BEGIN CREATE ROLE rds_iam NOLOGIN; "
-                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-            )
-        )
-        migration.grant_app_role(
-            connection, role, database.session_settings(settings.settings_from_env())
-        )
-        connection.execute(text(f'ALTER ROLE "{role}" CONNECTION LIMIT {limit}'))
-    engine.dispose()
-    return role
-
-
 def mixed(number: int) -> bytes:
     if number % 2:
         return http_request("POST", "/extraction-jobs", {"document_id": "bench"})
@@ -141,43 +114,48 @@ def serve_and_load(database_url: str, apps: int, seconds: float, **env: str):
 
 
 def pooler(url: str, args: argparse.Namespace) -> None:
-    from faults import PgBouncer
+    from faults import PgBouncer, app_role
     from sqlalchemy import make_url
 
-    role = limited_role(url, args.connections)
     name = make_url(url).database
-    direct = make_url(url).set(username=role).render_as_string(False)
-    bouncer = PgBouncer(name, alias=name, pool_size=args.connections, user=role).start()
-    wanted = args.apps * 2
-    print(
-        f"pooler: {args.apps} app processes x a pool of 2 = {wanted} connections "
-        f"wanted, the database allows {args.connections}; "
-        f"{args.apps * CLIENTS_PER_APP} client connections, {args.seconds:g} s"
-    )
-    try:
-        for round_ in range(1, args.rounds + 1):
-            results = {
-                "direct": serve_and_load(direct, args.apps, args.seconds),
-                "PgBouncer": serve_and_load(
-                    bouncer.url(role), args.apps, args.seconds, DB_POOLER="1"
-                ),
-            }
-            floor = results["direct"]
-            for label, result in results.items():
-                ok = sum(n for status, n in result.statuses.items() if status < 300)
-                others = {s: n for s, n in result.statuses.items() if s >= 300}
-                rate = ok / result.seconds
-                floor_rate = (
-                    sum(n for s, n in floor.statuses.items() if s < 300) / floor.seconds
-                )
-                ratio = f"{rate / floor_rate:.2f}x direct" if floor_rate else "-"
-                print(
-                    f"  round {round_} {label:9}: {rate:7.1f} req/s 2xx ({ratio}), "
-                    f"other answers {json.dumps(others)}, "
-                    f"load generator CPU {result.client_cpu:.0%}"
-                )
-    finally:
-        bouncer.stop()
+    with app_role(url, f"{name}_app", args.connections) as role:
+        direct = make_url(url).set(username=role).render_as_string(False)
+        bouncer = PgBouncer(
+            name, alias=name, pool_size=args.connections, user=role
+        ).start()
+        print(
+            f"pooler: {args.apps} app processes x a pool of 2 = {args.apps * 2} "
+            f"connections wanted, the database allows {args.connections}; "
+            f"{args.apps * CLIENTS_PER_APP} client connections, {args.seconds:g} s"
+        )
+        try:
+            for round_ in range(1, args.rounds + 1):
+                results = {
+                    "direct": serve_and_load(direct, args.apps, args.seconds),
+                    "PgBouncer": serve_and_load(
+                        bouncer.url(role), args.apps, args.seconds, DB_POOLER="1"
+                    ),
+                }
+                report(round_, results)
+        finally:
+            bouncer.stop()
+
+
+def report(round_: int, results: dict) -> None:
+    def answered(result) -> float:
+        ok = sum(n for status, n in result.statuses.items() if status < 300)
+        return ok / result.seconds
+
+    floor = answered(results["direct"])
+    for label, result in results.items():
+        rate = answered(result)
+        others = {status: n for status, n in result.statuses.items() if status >= 300}
+        ratio = f"{rate / floor:.2f}x direct" if floor else "-"
+        print(
+            f"  round {round_} {label:9}: {rate:7.1f} req/s 2xx ({ratio}), "
+            f"other answers {json.dumps(others)}, "
+            f"load generator CPU {result.client_cpu:.0%}"
+        )
 
 
 def main() -> None:
@@ -207,7 +185,6 @@ def main() -> None:
     finally:
         database.reset_engines()
         drop_database(base_url, url)
-        execute(base_url, f'DROP ROLE IF EXISTS "{name}_app"')
 
 
 if __name__ == "__main__":

@@ -41,6 +41,58 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
+@contextmanager
+def app_role(url: str, role: str, connection_limit: int | None = None) -> Iterator[str]:
+    """`role` as the migration function makes the application's (grants and
+    session defaults), logging in without a password as on this server, with
+    `connection_limit` connections at most; gone again afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    import database
+    import migration
+    import settings
+
+    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+    def drop() -> None:
+        database.reset_engines()
+        with admin.connect() as connection:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE usename = :role"
+                ),
+                {"role": role},
+            )
+            if connection.execute(
+                text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role}
+            ).scalar():
+                connection.execute(text(f'DROP OWNED BY "{role}"'))
+                connection.execute(text(f'DROP ROLE "{role}"'))
+
+    drop()
+    with admin.begin() as connection:
+        connection.execute(
+            text(
+                "DO $$ BEGIN CREATE ROLE rds_iam NOLOGIN; "  # RDS's, stood in for
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+        )
+        migration.grant_app_role(
+            connection, role, database.session_settings(settings.settings_from_env())
+        )
+        if connection_limit is not None:
+            connection.execute(
+                text(f'ALTER ROLE "{role}" CONNECTION LIMIT {int(connection_limit)}')
+            )
+    try:
+        yield role
+    finally:
+        drop()
+        admin.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -20,14 +20,12 @@ import httpx
 import pytest
 from conftest import empty_postgres, postgres_url, require
 from fastapi.testclient import TestClient
-from faults import PgBouncer, Uvicorn, tool
+from faults import PgBouncer, Uvicorn, app_role, tool
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 from test_round_trips import counted, statement_log  # noqa: F401 (fixtures)
 
 import database
-import migration
-import settings
 from main import create_app
 
 SERVER_CONNECTIONS = 4
@@ -49,39 +47,8 @@ def url() -> str:
 @pytest.fixture
 def pooled_role(url: str) -> Iterator[str]:
     """The app's role as the migration makes it (its defaults included)."""
-    role = f"{make_url(url).database}_pooled"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE usename = :role"
-                ),
-                {"role": role},
-            )
-            if connection.execute(
-                text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role}
-            ).scalar():
-                connection.execute(text(f'DROP OWNED BY "{role}"'))
-                connection.execute(text(f'DROP ROLE "{role}"'))
-
-    drop()
-    with admin.begin() as connection:
-        connection.execute(
-            text(
-                "DO $$ BEGIN CREATE ROLE rds_iam NOLOGIN; "  # RDS's, stood in for
-                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-            )
-        )
-        migration.grant_app_role(
-            connection, role, database.session_settings(settings.settings_from_env())
-        )
-    yield role
-    database.reset_engines()
-    drop()
-    admin.dispose()
+    with app_role(url, f"{make_url(url).database}_pooled") as role:
+        yield role
 
 
 @pytest.fixture

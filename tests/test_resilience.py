@@ -23,12 +23,18 @@ import httpx
 import pytest
 from conftest import empty_postgres, postgres_url, require
 from fastapi.testclient import TestClient
-from faults import forwarder, iptables_usable, partition, rules_left, tarpit
+from faults import (
+    app_role,
+    forwarder,
+    iptables_usable,
+    partition,
+    rules_left,
+    tarpit,
+)
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 import database
-import migration
 import settings
 from main import create_app
 
@@ -124,10 +130,13 @@ def app_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TestClient
 
 
 def warm(client: TestClient) -> str:
-    """Two connections in the pool (the default), and a job to ask for."""
+    """Both pooled connections (the default pool) open, and a job to ask for:
+    a fault then meets connections in use, not only new ones."""
     job = client.post("/extraction-jobs", json={"document_id": "warm"}).json()
-    both = concurrently(client, [lambda c: c.get("/extraction-jobs")] * 2)
-    assert [response.status_code for _, response in both] == [200, 200]
+    engine = database.get_engine(settings.settings_from_env().resolved_database_url)
+    with engine.connect() as first, engine.connect() as second:
+        first.exec_driver_sql("SELECT 1")
+        second.exec_driver_sql("SELECT 1")
     return job["id"]
 
 
@@ -183,40 +192,8 @@ def test_concurrent_requests_to_a_tarpit_are_answered_side_by_side(url, app_on):
 def limited_role(url: str) -> Iterator[str]:
     """The app's role, as the migration makes it, allowed two connections."""
     role = f"{make_url(url).database}_limited"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE usename = :role"
-                ),
-                {"role": role},
-            )
-            exists = connection.execute(
-                text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role}
-            ).scalar()
-            if exists:
-                connection.execute(text(f'DROP OWNED BY "{role}"'))
-                connection.execute(text(f'DROP ROLE "{role}"'))
-
-    drop()
-    with admin.begin() as connection:
-        connection.execute(
-            text(
-                "DO $$ BEGIN CREATE ROLE rds_iam NOLOGIN; "  # RDS's, stood in for
-                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-            )
-        )
-        migration.grant_app_role(
-            connection, role, database.session_settings(settings.settings_from_env())
-        )
-        connection.execute(text(f'ALTER ROLE "{role}" CONNECTION LIMIT 2'))
-    yield make_url(url).set(username=role).render_as_string(False)
-    database.reset_engines()
-    drop()
-    admin.dispose()
+    with app_role(url, role, connection_limit=2):
+        yield make_url(url).set(username=role).render_as_string(False)
 
 
 def test_a_role_out_of_connections_gets_503_never_500_and_loses_nothing(

@@ -165,8 +165,8 @@ class _Watchdog:
             self.running_in = os.getpid()
             threading.Thread(target=self._run, name="db-deadline", daemon=True).start()
 
-    def watch(self, connection: Any, now: Callable[[], float] = time.monotonic) -> None:
-        self.busy[id(connection)] = (now(), connection)  # when it started
+    def watch(self, connection: Any) -> None:
+        self.busy[id(connection)] = (time.monotonic(), connection)  # its start
 
     def release(self, connection: Any) -> bool:
         """Done with the statement; True if the watchdog had shut it down."""

@@ -15,7 +15,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install install-run run test test-deployed lint migrate sweep build plan deploy destroy clean docs-check
+.PHONY: install install-run run test test-deployed lint migrate sweep build ca-bundle plan deploy destroy clean docs-check
 
 # `make run` installs what serving needs (requirements-run.txt); `make test`
 # and the other targets add the test and lint tools (requirements-dev.txt).
@@ -72,6 +72,16 @@ sweep: install-run
 
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh
+
+# The CA bundle `make build` packages when present (Terraform's
+# db_ssl_root_cert): RDS's global bundle, and Amazon Root CA 1, which signs
+# RDS Proxy's certificate. Fetch it again when AWS rotates its CAs.
+RDS_CA_BUNDLE_URL ?= https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem
+PROXY_CA_URL ?= https://www.amazontrust.com/repository/AmazonRootCA1.pem
+ca-bundle:
+	curl -fsSL --proto =https "$(RDS_CA_BUNDLE_URL)" -o rds-ca-bundle.pem.partial
+	curl -fsSL --proto =https "$(PROXY_CA_URL)" >> rds-ca-bundle.pem.partial
+	mv rds-ca-bundle.pem.partial rds-ca-bundle.pem
 
 plan: install
 	scripts/terraform.sh plan

@@ -20,12 +20,20 @@ readable); a connection found dead mid-statement is replaced, and a read
 run once more on a new one (never a write: see `run`).
 The hot statements run as server-side prepared statements, prepared in the
 round trip of their first use on each connection (see `prepared()`).
+
+A connection that dies without a word (a partition, a hung server) is found
+within seconds (see "Dead connections" below), and a database that does not
+answer is tried by one request at a time, so the others answer 503 at once.
+Behind a transaction-mode pooler (`DB_POOLER=1`: RDS Proxy, PgBouncer) the
+connections keep no session state: no prepared statements, no startup options.
 """
 
 import hashlib
 import logging
+import os
 import re
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -146,8 +154,209 @@ def _closed_by_server(dbapi_connection) -> bool:
     return bool(poller.poll(0))
 
 
+# --- Dead connections (PostgreSQL) --------------------------------------------
+# TCP keepalives and tcp_user_timeout (connect_args) notice a peer that stopped
+# acknowledging. Nothing in TCP notices one that acknowledges and never
+# answers (a hung server, a proxy into a black hole), and psycopg2 has no read
+# timeout of its own: so every statement has a deadline, kept by a watchdog
+# thread that shuts a late connection's socket down. The statement then fails
+# as a dropped connection, and the pool discards it.
+
+
+class _Watchdog:
+    """The statements under way on the app's connections, and their deadlines."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy: dict[int, tuple[float, Any]] = {}
+        self.running_in: int | None = None  # the process the thread runs in
+
+    def ensure_running(self) -> None:
+        if self.running_in != os.getpid():  # threads do not survive a fork
+            self.running_in = os.getpid()
+            threading.Thread(target=self._run, name="db-deadline", daemon=True).start()
+
+    def watch(self, connection: Any) -> None:
+        self.busy[id(connection)] = (time.monotonic(), connection)  # its start
+
+    def release(self, connection: Any) -> bool:
+        """Done with the statement; True if the watchdog had shut it down."""
+        with self.lock:
+            return self.busy.pop(id(connection), None) is None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            now = time.monotonic()
+            for key, entry in list(self.busy.items()):
+                if now - entry[0] >= entry[1].deadline_s:
+                    self._abandon(key, entry)
+
+    def _abandon(self, key: int, entry: tuple[float, Any]) -> None:
+        from psycopg2 import InterfaceError
+
+        connection = entry[1]
+        reason = f"no answer within {connection.deadline_s:g} s"
+        with self.lock:
+            if self.busy.get(key) is not entry:
+                return  # it answered meanwhile
+            del self.busy[key]
+            # Before the statement fails: its retry must find the gate closed.
+            connection.gate.silent(reason)
+            try:
+                with socket.socket(fileno=os.dup(connection.fileno())) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            except (OSError, InterfaceError):  # closed meanwhile: nothing to wake
+                return
+        logger.error("database connection shut down: %s", reason)
+
+
+# Deadlines are kept to this precision.
+WATCHDOG_INTERVAL_S = 0.25
+_watchdog = _Watchdog()
+
+
+def _watched_connection(deadline_s: float, gate: "_ConnectGate") -> type:
+    """A psycopg2 connection class that connects through `gate`, and whose
+    every round trip has a deadline."""
+    from psycopg2 import OperationalError
+    from psycopg2.extensions import connection, cursor
+
+    def watched(call: Callable[..., T], conn: Any, *args: Any) -> T:
+        _watchdog.watch(conn)
+        try:
+            result = call(*args)
+        finally:
+            abandoned = _watchdog.release(conn)
+        if abandoned:  # it answered just as the watchdog shut it down
+            conn.close()
+            raise OperationalError("connection shut down at its deadline")
+        return result
+
+    class WatchedCursor(cursor):
+        def execute(self, query, vars=None):
+            return watched(super().execute, self.connection, query, vars)
+
+        def executemany(self, query, vars_list):
+            return watched(super().executemany, self.connection, query, vars_list)
+
+    class WatchedConnection(connection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            gate.connect(super().__init__, *args, **kwargs)  # psycopg2 connects here
+            self.cursor_factory = WatchedCursor
+
+        def commit(self) -> None:
+            watched(super().commit, self)
+
+        def rollback(self) -> None:
+            watched(super().rollback, self)
+
+    WatchedConnection.deadline_s = deadline_s
+    WatchedConnection.gate = gate
+    return WatchedConnection
+
+
+class _ConnectGate:
+    """While the database does not answer, one connection attempt at a time.
+
+    An attempt that waited out much of the connect timeout, or a statement
+    shut down at its deadline, means the server is not answering. From then
+    until an attempt gets through, one attempt is made at a time and at most
+    one every RECHECK_S; the others fail at once, instead of each waiting out
+    the connect timeout (and queueing on the pool behind those that do). The
+    first attempt after the network heals gets through, and all is as before.
+    """
+
+    def __init__(self, slow_s: float) -> None:
+        self.slow_s = slow_s
+        self.lock = threading.Lock()
+        self.silent_at: float | None = None
+        self.reason = ""
+        self.probing = False
+
+    def silent(self, reason: str) -> None:
+        with self.lock:
+            self.silent_at, self.reason = time.monotonic(), reason
+
+    def connect(self, connect: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.lock:
+            probe = self.silent_at is not None
+            if probe and (
+                self.probing or time.monotonic() - self.silent_at < RECHECK_S
+            ):
+                from psycopg2 import OperationalError
+
+                raise OperationalError(
+                    f"the database is not answering ({self.reason}); "
+                    "not connecting again yet"
+                )
+            self.probing |= probe
+        started = time.monotonic()
+        try:
+            connection = connect(*args, **kwargs)
+        except Exception as error:
+            if time.monotonic() - started >= self.slow_s:
+                self.silent(str(error).strip().splitlines()[-1])
+            raise
+        finally:
+            if probe:
+                self.probing = False
+        self.silent_at = None
+        return connection
+
+
+# The server cancels a statement at `statement_timeout` and says so; no answer
+# this long after it means no answer at all (see _Watchdog).
+DEADLINE_GRACE_S = 1.0
+# A connection attempt refused at once: the database did not answer one this
+# recently (see _ConnectGate).
+RECHECK_S = 1.0
+# Prepared statements always run their generic plan (see GENERIC_PLANS).
+PLAN_CACHE_MODE = "force_generic_plan"
+
+
+def session_settings(config: settings.Settings) -> dict[str, str]:
+    """What every application session needs: startup options, or behind a
+    pooler the application role's defaults (migration.py sets them)."""
+    return {
+        "statement_timeout": str(config.db_statement_timeout_ms),
+        # Timestamps arrive in UTC, as the API writes them (db_models.UTCDateTime).
+        "TimeZone": "UTC",
+        "plan_cache_mode": PLAN_CACHE_MODE,
+    }
+
+
+def connect_args(config: settings.Settings, application_name: str) -> dict[str, Any]:
+    """libpq's parameters for every PostgreSQL connection, migrations too."""
+    args: dict[str, Any] = {
+        "connect_timeout": config.db_connect_timeout,
+        "application_name": application_name,
+        # A peer that stopped acknowledging (a partition, a host gone) is found
+        # in seconds instead of after the kernel's retransmissions (~15 min).
+        "keepalives": 1,
+        "keepalives_idle": config.db_keepalives_idle_s,
+        "keepalives_interval": config.db_keepalives_interval_s,
+        "keepalives_count": config.db_keepalives_count,
+        "tcp_user_timeout": config.db_tcp_user_timeout_ms,
+    }
+    if config.db_ssl_root_cert:
+        # The server's certificate and host name, checked against the bundle;
+        # wins over the URL's sslmode (Terraform's `require` only encrypts).
+        args |= {"sslmode": "verify-full", "sslrootcert": config.db_ssl_root_cert}
+    return args
+
+
 def _postgres_engine(url: str) -> Engine:
     config = settings.settings_from_env()
+    gate = _ConnectGate(slow_s=config.db_connect_timeout / 2)
+    args = connect_args(config, "extraction-jobs")
+    args["connection_factory"] = _watched_connection(
+        config.db_statement_timeout_ms / 1000 + DEADLINE_GRACE_S, gate
+    )
+    if not config.db_pooler:
+        args["options"] = " ".join(
+            f"-c {name}={value}" for name, value in session_settings(config).items()
+        )
     engine = create_engine(
         url,
         hide_parameters=True,  # errors and echo never show job data
@@ -160,19 +369,38 @@ def _postgres_engine(url: str) -> Engine:
         pool_size=config.db_pool_size,
         max_overflow=config.db_max_overflow,
         pool_timeout=config.db_pool_timeout,
-        connect_args={
-            "connect_timeout": config.db_connect_timeout,
-            # TimeZone=UTC: timestamps arrive in UTC, as the API writes them.
-            "options": f"-c statement_timeout={config.db_statement_timeout_ms} "
-            f"-c TimeZone=UTC {GENERIC_PLANS}",
-            "application_name": "extraction-jobs",
-        },
+        connect_args=args,
     )
     _ping_after_idle(engine, config.db_ping_after_idle_s)
-    _run_prepared(engine)
+    if not config.db_pooler:
+        # A pooler would run an EXECUTE on a server connection that never
+        # saw its PREPARE (RDS Proxy pins the session instead); there,
+        # prepared() is a no-op. And the session is in UTC only when the
+        # startup options say so (UTCDateTime converts otherwise).
+        _run_prepared(engine)
+        _keep_sessions_in_utc(engine)
     if config.db_iam_auth:
         use_iam_auth(engine, config.aws_region)
+
+    _watchdog.ensure_running()
     return engine
+
+
+def _keep_sessions_in_utc(engine: Engine) -> None:
+    """Every session in UTC, as the startup options ask: then UTCDateTime
+    needs no per-value conversion (it reads the dialect's mark). Only a
+    `PGTZ` in the environment can win over the options; that connection is
+    set back, with one `SET` when it connects."""
+    engine.dialect.session_time_zone = "UTC"
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        if dbapi_connection.info.parameter_status("TimeZone") != "UTC":
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TimeZone = 'UTC'")
+            dbapi_connection.autocommit = autocommit
 
 
 def use_iam_auth(engine: Engine, region: str | None = None) -> None:
@@ -218,7 +446,7 @@ _PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
 # (an index on what it filters by, in the order it reads); the setting
 # touches nothing else (psycopg2 prepares nothing, the schema has no
 # functions).
-GENERIC_PLANS = "-c plan_cache_mode=force_generic_plan"
+GENERIC_PLANS = f"-c plan_cache_mode={PLAN_CACHE_MODE}"
 
 
 def prepared(statement: E) -> E:
@@ -239,6 +467,10 @@ def prepared(statement: E) -> E:
     Never for a statement that carries a per-call value other than as a named
     `bindparam` (`JOBS.c.id == job_id`): that value would be fixed, and each
     call prepare a statement of its own.
+
+    Behind a pooler (`DB_POOLER=1`) the mark does nothing: the statement goes
+    as text, as every other, since the next transaction may run on a server
+    connection that never saw the PREPARE.
     """
     return statement.execution_options(**{PREPARED: True})
 
@@ -401,10 +633,9 @@ def migration_engine(url: str) -> Engine:
         url,
         hide_parameters=True,
         poolclass=NullPool,
-        connect_args={
-            "connect_timeout": settings.settings_from_env().db_connect_timeout,
-            "application_name": "extraction-jobs-migrate",
-        },
+        connect_args=connect_args(
+            settings.settings_from_env(), "extraction-jobs-migrate"
+        ),
     )
 
 
@@ -455,18 +686,31 @@ class _Database:
         self.schema_ready = False
         self.out_of_date: SchemaOutOfDate | None = None
         self.checked_at = 0.0
+        # When the last check failed, and why (see ensure_schema).
+        self.failed_check: tuple[float, str] | None = None
         self.lock = threading.Lock()
 
     def ensure_schema(self) -> None:
         if self.schema_ready:
             return
+        asked_at = time.monotonic()
         with self.lock:
             if self.schema_ready:
                 return
-            if self.is_sqlite:
-                self._upgrade_sqlite()
-            else:
-                self._check_revision()
+            # A check ran while this request waited, and could not reach the
+            # database: its answer, at once. Checking again would queue every
+            # request one connect timeout behind the last on a hung database.
+            if self.failed_check is not None and self.failed_check[0] >= asked_at:
+                raise DatabaseUnavailable(self.failed_check[1])
+            try:
+                if self.is_sqlite:
+                    self._upgrade_sqlite()
+                else:
+                    self._check_revision()
+            except (DBAPIError, PoolTimeoutError) as error:
+                cause = getattr(error, "orig", None) or error
+                self.failed_check = (time.monotonic(), str(cause))
+                raise
             self.schema_ready = True
 
     def _upgrade_sqlite(self) -> None:

@@ -126,7 +126,18 @@ def _secret_arn(value: str) -> str:
     return value
 
 
+def _ca_bundle(value: str) -> str:
+    """An existing file; a relative path is taken from the code's folder."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), value)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"no such file: {path} (fetch the bundle before `make build`, or unset it)"
+        )
+    return path
+
+
 Flag = Annotated[bool, BeforeValidator(_flag)]
+CaBundle = Annotated[str, AfterValidator(_ca_bundle)]
 DatabaseUrl = Annotated[str, AfterValidator(normalize_database_url)]
 Auth0Domain = Annotated[str, AfterValidator(_auth0_domain)]
 LogLevel = Annotated[str, AfterValidator(_log_level)]
@@ -219,6 +230,57 @@ class Settings(BaseModel):
         "PostgreSQL `statement_timeout`; a query over it is cancelled and answered 503",
         example="10000",
         ge=1,
+    )
+    db_keepalives_idle_s: int = env(
+        "DB_KEEPALIVES_IDLE_S",
+        5,
+        "seconds a PostgreSQL connection is idle (or waits for an answer) before "
+        "TCP keepalive probes start",
+        example="5",
+        ge=1,
+    )
+    db_keepalives_interval_s: int = env(
+        "DB_KEEPALIVES_INTERVAL_S",
+        2,
+        "seconds between TCP keepalive probes",
+        example="2",
+        ge=1,
+    )
+    db_keepalives_count: int = env(
+        "DB_KEEPALIVES_COUNT",
+        3,
+        "unanswered TCP keepalive probes after which the connection is dead",
+        example="3",
+        ge=1,
+    )
+    db_tcp_user_timeout_ms: int = env(
+        "DB_TCP_USER_TIMEOUT_MS",
+        5_000,
+        "TCP `tcp_user_timeout`: a PostgreSQL connection whose sent data (or "
+        "keepalive probes) went unacknowledged this long is dead, as in a network "
+        "partition; `0` leaves it to the kernel (about 15 minutes)",
+        example="5000",
+        ge=0,
+    )
+    db_pooler: Flag = env(
+        "DB_POOLER",
+        False,
+        "`1`: a transaction-mode pooler (RDS Proxy, PgBouncer) sits in front of "
+        "PostgreSQL, so connections keep no session state: no prepared statements, "
+        "no `SET`, no startup options (the migration puts `statement_timeout`, "
+        "`TimeZone` and `plan_cache_mode` in the application role's defaults)",
+        example="1",
+        shown_default="unset",
+    )
+    db_ssl_root_cert: CaBundle | None = env(
+        "DB_SSL_ROOT_CERT",
+        None,
+        "a CA bundle (PEM file; a relative path is next to the code, as in "
+        "`lambda.zip`) to verify the PostgreSQL server's certificate and host name "
+        "against: `sslmode=verify-full`. Unset: the URL's `sslmode` (Terraform's "
+        "is `require`: encrypted, the server not authenticated)",
+        example="rds-ca-bundle.pem",
+        shown_default="unset",
     )
     db_ping_after_idle_s: float = env(
         "DB_PING_AFTER_IDLE_S",
@@ -316,6 +378,15 @@ class Settings(BaseModel):
         "migration function only (set by Terraform): the Secrets Manager secret "
         "holding the RDS master user's name and password",
         example="arn:aws:secretsmanager:us-east-1:123456789012:secret:rds-master",
+        shown_default="unset",
+    )
+    db_app_secret_arn: SecretArn | None = env(
+        "DB_APP_SECRET_ARN",
+        None,
+        "migration function only (set by Terraform with `enable_rds_proxy`): the "
+        "Secrets Manager secret RDS Proxy logs in with; the migration gives the "
+        "application role a password and keeps it there (no IAM login then)",
+        example="arn:aws:secretsmanager:us-east-1:123456789012:secret:app-db",
         shown_default="unset",
     )
     db_app_user: RoleName = env(

@@ -165,24 +165,27 @@ class Result:
 
 
 def load(
-    port: int,
+    port: int | list[int],
     make_request: Callable[[int], bytes],
     seconds: float,
     *,
     keep_bodies: bool = False,
+    concurrency: int = CONCURRENCY,
 ) -> Result:
-    """`CONCURRENCY` keep-alive connections, each sending its next request as
-    soon as the previous answer is read, for `seconds`."""
+    """`concurrency` keep-alive connections (spread over the ports, if
+    several), each sending its next request as soon as the previous answer is
+    read, for `seconds`."""
     result = Result()
+    ports = [port] if isinstance(port, int) else port
 
     async def connection(number: int, deadline: float) -> None:
-        reader, writer = await asyncio.open_connection(HOST, port)
+        reader, writer = await asyncio.open_connection(HOST, ports[number % len(ports)])
         sent = number
         try:
             while time.perf_counter() < deadline:
                 writer.write(make_request(sent))
                 status, body = await read_response(reader)
-                sent += CONCURRENCY
+                sent += concurrency
                 result.requests += 1
                 result.statuses[status] = result.statuses.get(status, 0) + 1
                 if keep_bodies:
@@ -192,7 +195,7 @@ def load(
 
     async def run() -> None:
         deadline = time.perf_counter() + seconds
-        await asyncio.gather(*(connection(n, deadline) for n in range(CONCURRENCY)))
+        await asyncio.gather(*(connection(n, deadline) for n in range(concurrency)))
 
     cpu, started = time.process_time(), time.perf_counter()
     asyncio.run(run())

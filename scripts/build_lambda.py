@@ -30,6 +30,11 @@ APP_MODULES = tuple(sorted(path.name for path in REPO.glob("*.py")))
 # Alembic's environment and revisions: the migration function and SQLite's
 # self-upgrade run them from the package.
 APP_TREES = ("migrations",)
+# The CA bundle the functions check the database's (or RDS Proxy's)
+# certificate against, with Terraform's db_ssl_root_cert (DB_SSL_ROOT_CERT):
+# fetched before the build, never committed, packaged when present.
+CA_BUNDLE = "rds-ca-bundle.pem"
+PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
 WHEEL_ARCH = {"x86_64": "x86_64", "arm64": "aarch64"}
 OLDEST_MANYLINUX_GLIBC = 17  # manylinux2014, the baseline of Linux wheels
 MAX_ZIPPED = 50 * 2**20  # Lambda's limit for a direct upload
@@ -172,6 +177,18 @@ def copy_app_modules(root: Path) -> None:
             shutil.copyfile(source, target)
 
 
+def copy_ca_bundle(source: Path, root: Path) -> str:
+    """Package `source`/CA_BUNDLE when it was fetched; say what was done."""
+    bundle = source / CA_BUNDLE
+    if not bundle.is_file():
+        return f"CA bundle: none ({CA_BUNDLE} not fetched; sslmode from the URL)"
+    certificates = bundle.read_text(errors="replace").count(PEM_CERTIFICATE)
+    if not certificates:
+        fail(f"{bundle} holds no PEM certificate; fetch it again")
+    shutil.copyfile(bundle, root / CA_BUNDLE)
+    return f"CA bundle: {CA_BUNDLE} ({certificates} certificates)"
+
+
 def compile_bytecode(root: Path) -> None:
     """Ship .pyc so cold starts skip compiling (the task root is read-only).
 
@@ -297,6 +314,7 @@ def main() -> None:
     saved = prune(root)
     docs = docs_assets(root)
     copy_app_modules(root)
+    bundle = copy_ca_bundle(REPO, root)
     binaries = verify_binaries(root, python_version, wheel_arch, glibc)
     with_bytecode = python_version == f"{sys.version_info[0]}.{sys.version_info[1]}"
     if with_bytecode:
@@ -311,7 +329,7 @@ def main() -> None:
         f"unzipped (limits 50 / 250 MiB); {binaries} ELF files checked for "
         f"{wheel_arch} and glibc <= 2.{glibc}; "
         f"bytecode: {'yes' if with_bytecode else 'NO'}; pruned {mib(saved)} "
-        f"(tests, stubs, docs, C sources, scripts); {docs}"
+        f"(tests, stubs, docs, C sources, scripts); {docs}; {bundle}"
     )
     if zipped > MAX_ZIPPED or unzipped > MAX_UNZIPPED:
         output.unlink()

@@ -7,11 +7,14 @@ resource "aws_apigatewayv2_api" "main" {
   dynamic "cors_configuration" {
     for_each = length(var.cors_allow_origins) > 0 ? [1] : []
 
+    # What the API reads from a request and sends back, so a browser page
+    # can use conditional updates, idempotent creates and the list's pages.
     content {
-      allow_origins = var.cors_allow_origins
-      allow_methods = ["GET", "POST", "PATCH", "OPTIONS"]
-      allow_headers = ["authorization", "content-type"]
-      max_age       = 3600
+      allow_origins  = var.cors_allow_origins
+      allow_methods  = ["GET", "POST", "PATCH", "OPTIONS"]
+      allow_headers  = ["authorization", "content-type", "if-match", "idempotency-key", "x-request-id"]
+      expose_headers = ["etag", "location", "link", "idempotent-replayed", "retry-after", "x-request-id"]
+      max_age        = 3600
     }
   }
 }
@@ -93,6 +96,19 @@ resource "aws_apigatewayv2_stage" "default" {
     throttling_rate_limit  = var.api_throttling_rate_limit
   }
 
+  # Anonymous callers get a small budget of their own on the public routes,
+  # so they cannot spend the job routes' (nor, /health answering without the
+  # database, much of the function's reserved concurrency).
+  dynamic "route_settings" {
+    for_each = local.public_routes
+
+    content {
+      route_key              = route_settings.value
+      throttling_burst_limit = var.public_throttling_burst_limit
+      throttling_rate_limit  = var.public_throttling_rate_limit
+    }
+  }
+
   access_log_settings {
     destination_arn = aws_cloudwatch_log_group.api_access.arn
     format = jsonencode({
@@ -109,6 +125,9 @@ resource "aws_apigatewayv2_stage" "default" {
       latencyMs         = "$context.responseLatency"
     })
   }
+
+  # Route settings name routes, which must exist first.
+  depends_on = [aws_apigatewayv2_route.public]
 }
 
 # Only this API may invoke the function (any stage, method and path of it).

@@ -1,14 +1,22 @@
 locals {
   function_name = var.name
 
-  # No password: DB_IAM_AUTH=1 makes the app sign an IAM token per connection.
+  # With RDS Proxy the instances share its connections, so more may run.
+  lambda_concurrency = coalesce(var.lambda_reserved_concurrency, var.enable_rds_proxy ? 100 : 10)
+
+  # No password: DB_IAM_AUTH=1 makes the app sign an IAM token per connection
+  # for the host it dials, the proxy's endpoint when there is one.
   database_url = format(
     "postgresql://%s@%s:%d/%s?sslmode=require",
     var.db_app_username,
-    aws_db_instance.main.address,
-    aws_db_instance.main.port,
+    var.enable_rds_proxy ? aws_db_proxy.main[0].endpoint : aws_db_instance.main.address,
+    local.db_port,
     var.db_name,
   )
+
+  # sslmode=verify-full against the packaged bundle (the app's
+  # DB_SSL_ROOT_CERT wins over the URL's require), for both functions.
+  database_tls_env = var.db_ssl_root_cert == "" ? {} : { DB_SSL_ROOT_CERT = var.db_ssl_root_cert }
 }
 
 data "aws_iam_policy_document" "lambda_assume_role" {
@@ -39,6 +47,8 @@ data "aws_caller_identity" "current" {}
 
 data "aws_region" "current" {}
 
+# With RDS Proxy, the proxy's resource id: the function may reach the
+# database only through it.
 data "aws_iam_policy_document" "lambda_rds_connect" {
   statement {
     actions = ["rds-db:connect"]
@@ -47,7 +57,7 @@ data "aws_iam_policy_document" "lambda_rds_connect" {
       data.aws_partition.current.partition,
       data.aws_region.current.name,
       data.aws_caller_identity.current.account_id,
-      aws_db_instance.main.resource_id,
+      var.enable_rds_proxy ? local.proxy_resource_id : aws_db_instance.main.resource_id,
       var.db_app_username,
     )]
   }
@@ -84,7 +94,7 @@ resource "aws_lambda_function" "api" {
   memory_size      = 512
   timeout          = 30
 
-  reserved_concurrent_executions = var.lambda_reserved_concurrency
+  reserved_concurrent_executions = local.lambda_concurrency
 
   # SnapStart restores published versions from a snapshot of the initialised
   # environment; the API is then served by the `live` alias (below).
@@ -117,6 +127,9 @@ resource "aws_lambda_function" "api" {
         METRICS_NAMESPACE = var.metrics_namespace
       },
       var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
+      # Behind RDS Proxy: no session state, which would pin the proxy's connections.
+      var.enable_rds_proxy ? { DB_POOLER = "1" } : {},
+      local.database_tls_env,
     )
   }
 
@@ -130,6 +143,7 @@ resource "aws_lambda_function" "api" {
     aws_iam_role_policy.lambda_rds_connect,
     # The schema is migrated before the function gets the code that needs it.
     aws_lambda_invocation.migrate,
+    aws_db_proxy_target.main,
   ]
 
   lifecycle {
@@ -157,4 +171,13 @@ resource "aws_lambda_alias" "live" {
   description      = "The published version the HTTP API invokes (SnapStart)"
   function_name    = aws_lambda_function.api.function_name
   function_version = aws_lambda_function.api.version
+}
+
+# A warning in every plan: without RDS Proxy, every instance's pool is held
+# on the database itself.
+check "connections_fit_without_a_proxy" {
+  assert {
+    condition     = var.enable_rds_proxy || local.db_connection_cap <= 80
+    error_message = "lambda_reserved_concurrency x a pool of 2 = ${local.db_connection_cap} connections, more than db.t4g.micro's max_connections leaves (about 80): set enable_rds_proxy = true, or lower the concurrency."
+  }
 }

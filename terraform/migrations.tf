@@ -39,6 +39,16 @@ data "aws_iam_policy_document" "migration_read_master_secret" {
     actions   = ["secretsmanager:GetSecretValue"]
     resources = [local.db_master_secret_arn]
   }
+
+  # With RDS Proxy: the proxy's login, which this function makes and keeps.
+  dynamic "statement" {
+    for_each = aws_secretsmanager_secret.app_db[*].arn
+
+    content {
+      actions   = ["secretsmanager:GetSecretValue", "secretsmanager:PutSecretValue"]
+      resources = [statement.value]
+    }
+  }
 }
 
 resource "aws_iam_role_policy" "migration_read_master_secret" {
@@ -74,22 +84,28 @@ resource "aws_lambda_function" "migration" {
   # One migration at a time (the migration also takes an advisory lock).
   reserved_concurrent_executions = 1
 
+  # A group of its own (vpc.tf): it holds the master password, so it reaches
+  # the database and Secrets Manager, nothing else.
   vpc_config {
     subnet_ids         = aws_subnet.private[*].id
-    security_group_ids = [aws_security_group.lambda.id]
+    security_group_ids = [aws_security_group.migration.id]
   }
 
   environment {
-    variables = {
-      DATABASE_URL         = local.migration_database_url
-      DB_MASTER_SECRET_ARN = local.db_master_secret_arn
-      DB_APP_USER          = var.db_app_username
-      # lambda_handler builds the API app on import, which checks its auth
-      # settings: the same (public) values as the API function.
-      AUTH0_DOMAIN   = var.auth0_domain
-      AUTH0_AUDIENCE = var.auth0_audience
-      AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
-    }
+    variables = merge(
+      {
+        DATABASE_URL         = local.migration_database_url
+        DB_MASTER_SECRET_ARN = local.db_master_secret_arn
+        DB_APP_USER          = var.db_app_username
+        # lambda_handler builds the API app on import, which checks its auth
+        # settings: the same (public) values as the API function.
+        AUTH0_DOMAIN   = var.auth0_domain
+        AUTH0_AUDIENCE = var.auth0_audience
+        AUTH_DISABLED  = var.auth_disabled ? "1" : "0"
+      },
+      var.enable_rds_proxy ? { DB_APP_SECRET_ARN = aws_secretsmanager_secret.app_db[0].arn } : {},
+      local.database_tls_env,
+    )
   }
 
   depends_on = [
@@ -117,9 +133,16 @@ resource "aws_lambda_invocation" "migrate" {
   count = var.run_migrations_on_apply ? 1 : 0
 
   function_name = aws_lambda_function.migration.function_name
-  input         = jsonencode({ package_sha256 = local.package_hash })
+  input         = jsonencode(local.migration_triggers)
 
-  triggers = {
+  triggers = local.migration_triggers
+}
+
+locals {
+  # A new package, or the role's login changing hands (IAM tokens, or RDS
+  # Proxy's password): the role must be made to match before the API uses it.
+  migration_triggers = {
     package_sha256 = local.package_hash
+    app_login      = var.enable_rds_proxy ? "rds-proxy" : "iam"
   }
 }

@@ -13,8 +13,11 @@ locals {
 
   # Connections one function instance may hold: DB_POOL_SIZE + DB_MAX_OVERFLOW
   # (database.py's defaults, 2 + 0; the function does not override them).
+  # With RDS Proxy they are the proxy's, and the proxy caps the database's.
   db_connections_per_instance = 2
-  db_connection_cap           = var.lambda_reserved_concurrency * local.db_connections_per_instance
+  db_connection_cap           = local.lambda_concurrency * local.db_connections_per_instance
+  # The proxy's wait for a database connection (µs) that means its pool is used up.
+  proxy_borrow_latency_alarm_us = 100000
 
   lambda_timeout_ms = aws_lambda_function.api.timeout * 1000
 }
@@ -167,7 +170,11 @@ resource "aws_cloudwatch_metric_alarm" "db_free_storage" {
   ok_actions          = [local.alarm_topic_arn]
 }
 
+# Without RDS Proxy (with it, the proxy caps the database's connections, and
+# the alarms after this one watch the proxy).
 resource "aws_cloudwatch_metric_alarm" "db_connections" {
+  count = var.enable_rds_proxy ? 0 : 1
+
   alarm_name          = "${var.name}-db-connections"
   alarm_description   = "More than ${var.alarm_db_connections_percent}% of the ${local.db_connection_cap} connections the function may open (reserved concurrency x pool) are in use. First check: other clients of the database (psql, migrations), then lambda_reserved_concurrency."
   namespace           = "AWS/RDS"
@@ -179,6 +186,44 @@ resource "aws_cloudwatch_metric_alarm" "db_connections" {
   comparison_operator = "GreaterThanThreshold"
   threshold           = ceil(local.db_connection_cap * var.alarm_db_connections_percent / 100)
   treat_missing_data  = "missing"
+  alarm_actions       = [local.alarm_topic_arn]
+  ok_actions          = [local.alarm_topic_arn]
+}
+
+# DB_POOLER=1 keeps no session state, so the proxy never needs to pin a
+# client to a database connection: one pinned is something else's doing.
+resource "aws_cloudwatch_metric_alarm" "proxy_pinned" {
+  count = local.proxy_count
+
+  alarm_name          = "${var.name}-rds-proxy-pinned"
+  alarm_description   = "RDS Proxy pinned a client session to a database connection, which it then cannot share. First check: that the API function runs with DB_POOLER=1 (a package or configuration from before it), then other clients of the proxy."
+  namespace           = "AWS/RDS"
+  metric_name         = "DatabaseConnectionsCurrentlySessionPinned"
+  dimensions          = { ProxyName = aws_db_proxy.main[0].name }
+  statistic           = "Maximum"
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = 0
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [local.alarm_topic_arn]
+  ok_actions          = [local.alarm_topic_arn]
+}
+
+resource "aws_cloudwatch_metric_alarm" "proxy_borrow_latency" {
+  count = local.proxy_count
+
+  alarm_name          = "${var.name}-rds-proxy-borrow-latency"
+  alarm_description   = "Transactions wait at RDS Proxy for a database connection (over ${local.proxy_borrow_latency_alarm_us / 1000} ms on average): its ${var.rds_proxy_max_connections_percent}% of max_connections is used up, and waits past ${local.proxy_borrow_timeout_s} s answer 503. First check: the database's CPU and slow queries, then rds_proxy_max_connections_percent or db_instance_class."
+  namespace           = "AWS/RDS"
+  metric_name         = "DatabaseConnectionsBorrowLatency"
+  dimensions          = { ProxyName = aws_db_proxy.main[0].name }
+  statistic           = "Average"
+  period              = 300
+  evaluation_periods  = 1
+  comparison_operator = "GreaterThanThreshold"
+  threshold           = local.proxy_borrow_latency_alarm_us
+  treat_missing_data  = "notBreaching"
   alarm_actions       = [local.alarm_topic_arn]
   ok_actions          = [local.alarm_topic_arn]
 }
@@ -252,7 +297,12 @@ locals {
   db_dimension       = ["DBInstanceIdentifier", aws_db_instance.main.identifier]
   api_dimension      = ["ApiId", aws_apigatewayv2_api.main.id]
 
-  dashboard_widgets = [
+  dashboard_widgets = concat(local.base_widgets, var.enable_rds_proxy ? [local.proxy_widget] : [])
+  proxy_widget = {
+    title   = "RDS Proxy connections: clients, database, pinned"
+    metrics = [for name in ["ClientConnections", "DatabaseConnections", "DatabaseConnectionsCurrentlySessionPinned"] : ["AWS/RDS", name, "ProxyName", var.name, { stat = "Maximum" }]]
+  }
+  base_widgets = [
     {
       title   = "API requests and errors (per 5 min)"
       metrics = [for name in ["Count", "4xx", "5xx"] : concat(["AWS/ApiGateway", name], local.api_dimension, [{ stat = "Sum" }])]

@@ -13,6 +13,11 @@ output "rds_port" {
   value       = aws_db_instance.main.port
 }
 
+output "rds_proxy_endpoint" {
+  description = "Host name of RDS Proxy, which the API function connects to (null without enable_rds_proxy)."
+  value       = var.enable_rds_proxy ? aws_db_proxy.main[0].endpoint : null
+}
+
 output "lambda_function_name" {
   description = "Name of the Lambda function serving the API."
   value       = aws_lambda_function.api.function_name

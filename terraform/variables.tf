@@ -174,12 +174,12 @@ variable "lambda_architecture" {
 
 variable "lambda_reserved_concurrency" {
   type        = number
-  description = "Maximum number of concurrent function instances. Each instance keeps its own connection pool (DB_POOL_SIZE + DB_MAX_OVERFLOW, 2 + 0 by default), so concurrency x pool size must stay below the database's max_connections (LEAST(DBInstanceClassMemory/9531392, 5000): roughly 80-110 on db.t4g.micro, a few of them reserved for RDS). The default, 10 x 2 = 20, leaves room for migrations and a psql session."
-  default     = 10
+  description = "Maximum number of concurrent function instances. Each instance keeps its own connection pool (DB_POOL_SIZE + DB_MAX_OVERFLOW, 2 + 0 by default). Without RDS Proxy, concurrency x pool size must stay below the database's max_connections (LEAST(DBInstanceClassMemory/9531392, 5000): roughly 80-110 on db.t4g.micro, a few of them reserved for RDS); with enable_rds_proxy the proxy multiplexes them onto at most rds_proxy_max_connections_percent of it. null (the default): 10 without the proxy (10 x 2 = 20 connections, room left for migrations and a psql session), 100 with it."
+  default     = null
 
   validation {
-    condition     = var.lambda_reserved_concurrency >= 1 && var.lambda_reserved_concurrency <= 1000 && floor(var.lambda_reserved_concurrency) == var.lambda_reserved_concurrency
-    error_message = "lambda_reserved_concurrency must be a whole number from 1 to 1000 (a cap is required to protect the database)."
+    condition     = var.lambda_reserved_concurrency == null || try(var.lambda_reserved_concurrency >= 1 && var.lambda_reserved_concurrency <= 1000 && floor(var.lambda_reserved_concurrency) == var.lambda_reserved_concurrency, false)
+    error_message = "lambda_reserved_concurrency must be null or a whole number from 1 to 1000 (a cap is required to protect the database)."
   }
 }
 
@@ -246,6 +246,28 @@ variable "api_throttling_rate_limit" {
   }
 }
 
+variable "public_throttling_burst_limit" {
+  type        = number
+  description = "Requests the public routes (/health, /docs, /redoc, /openapi.json, /docs-assets) each accept in a burst: anonymous callers get their own, small budget, apart from the job routes'."
+  default     = 20
+
+  validation {
+    condition     = var.public_throttling_burst_limit >= 1 && var.public_throttling_burst_limit <= 5000 && floor(var.public_throttling_burst_limit) == var.public_throttling_burst_limit
+    error_message = "public_throttling_burst_limit must be a whole number from 1 to 5000."
+  }
+}
+
+variable "public_throttling_rate_limit" {
+  type        = number
+  description = "Steady-state requests per second each public route accepts."
+  default     = 10
+
+  validation {
+    condition     = var.public_throttling_rate_limit > 0 && var.public_throttling_rate_limit <= 10000
+    error_message = "public_throttling_rate_limit must be greater than 0 and at most 10000."
+  }
+}
+
 variable "cors_allow_origins" {
   type        = list(string)
   description = "Browser origins allowed to call the API (for example https://app.example.com). Empty (the default): no CORS headers, so only same-origin and non-browser clients."
@@ -291,6 +313,35 @@ variable "db_app_username" {
   validation {
     condition     = can(regex("^[a-z_][a-z0-9_]{0,62}$", var.db_app_username)) && !contains(["rdsadmin", "postgres", "rds_iam"], var.db_app_username)
     error_message = "db_app_username must be 1-63 lower-case letters, digits or underscores, not starting with a digit, and not a reserved name (rdsadmin, postgres, rds_iam)."
+  }
+}
+
+variable "enable_rds_proxy" {
+  type        = bool
+  description = "Put RDS Proxy between the API function and the database (TLS required, IAM authentication, DB_POOLER=1): instances then share the proxy's connections instead of holding their own, so lambda_reserved_concurrency can rise past what max_connections allows. Costs per vCPU-hour of the database instance (about $0.015, and at least 2 vCPUs' worth: about $22 a month) and a little latency per transaction. The migration function still connects directly."
+  default     = false
+  nullable    = false
+}
+
+variable "rds_proxy_max_connections_percent" {
+  type        = number
+  description = "Share of the database's max_connections RDS Proxy may open (the rest stays for the migration function and psql)."
+  default     = 80
+
+  validation {
+    condition     = var.rds_proxy_max_connections_percent >= 10 && var.rds_proxy_max_connections_percent <= 100 && floor(var.rds_proxy_max_connections_percent) == var.rds_proxy_max_connections_percent
+    error_message = "rds_proxy_max_connections_percent must be a whole number from 10 to 100."
+  }
+}
+
+variable "db_ssl_root_cert" {
+  type        = string
+  description = "File name, inside lambda.zip, of the CA bundle both functions check the database's (or the proxy's) certificate and host name against (DB_SSL_ROOT_CERT, sslmode=verify-full): run make ca-bundle before make build, then set rds-ca-bundle.pem. Empty (the default): sslmode=require, encrypted but the server not authenticated. A name the package lacks stops the functions at start."
+  default     = ""
+
+  validation {
+    condition     = can(regex("^([A-Za-z0-9][A-Za-z0-9._-]*\\.pem)?$", var.db_ssl_root_cert))
+    error_message = "db_ssl_root_cert must be empty or a .pem file name at the package's top level, such as rds-ca-bundle.pem."
   }
 }
 
@@ -432,7 +483,7 @@ variable "alarm_db_free_storage_percent" {
 
 variable "alarm_db_connections_percent" {
   type        = number
-  description = "The connections alarm fires above this percentage of what the function may open (lambda_reserved_concurrency x pool of 2)."
+  description = "The connections alarm fires above this percentage of what the function may open (lambda_reserved_concurrency x pool of 2), or with RDS Proxy of the connections the proxy may open."
   default     = 80
 
   validation {

@@ -132,7 +132,10 @@ resource "aws_route_table_association" "database" {
 }
 
 # Security groups. Terraform removes the default allow-all egress rule of a
-# new group, so only the rules below exist.
+# new group, so only the rules below exist. PostgreSQL flows:
+#   API function -> database, or with RDS Proxy API function -> proxy -> database
+#   migration function -> database (always directly)
+
 resource "aws_security_group" "lambda" {
   name        = "${var.name}-lambda"
   description = "Extraction Job API Lambda: no ingress; egress HTTPS and PostgreSQL only"
@@ -141,12 +144,31 @@ resource "aws_security_group" "lambda" {
   tags = { Name = "${var.name}-lambda" }
 }
 
+resource "aws_security_group" "migration" {
+  name        = "${var.name}-migrate"
+  description = "Migration function: no ingress; egress PostgreSQL to the database and HTTPS to Secrets Manager only"
+  vpc_id      = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-migrate" }
+}
+
 resource "aws_security_group" "database" {
   name        = "${var.name}-database"
-  description = "Extraction Job API database: PostgreSQL from the Lambda only"
+  description = "Extraction Job API database: PostgreSQL from the functions (or RDS Proxy) only"
   vpc_id      = aws_vpc.main.id
 
   tags = { Name = "${var.name}-database" }
+}
+
+resource "aws_security_group" "proxy" {
+  #checkov:skip=CKV2_AWS_5:Attached to aws_db_proxy.main (vpc_security_group_ids, proxy.tf), which exists exactly when this group does
+  count = local.proxy_count
+
+  name        = "${var.name}-rds-proxy"
+  description = "RDS Proxy: PostgreSQL from the API Lambda, to the database only"
+  vpc_id      = aws_vpc.main.id
+
+  tags = { Name = "${var.name}-rds-proxy" }
 }
 
 resource "aws_security_group_rule" "lambda_https_out" {
@@ -159,7 +181,10 @@ resource "aws_security_group_rule" "lambda_https_out" {
   cidr_blocks       = ["0.0.0.0/0"]
 }
 
+# The API function reaches the database directly, or only through the proxy.
 resource "aws_security_group_rule" "lambda_postgres_out" {
+  count = var.enable_rds_proxy ? 0 : 1
+
   type                     = "egress"
   security_group_id        = aws_security_group.lambda.id
   description              = "PostgreSQL to the database group"
@@ -170,6 +195,8 @@ resource "aws_security_group_rule" "lambda_postgres_out" {
 }
 
 resource "aws_security_group_rule" "database_postgres_in" {
+  count = var.enable_rds_proxy ? 0 : 1
+
   type                     = "ingress"
   security_group_id        = aws_security_group.database.id
   description              = "PostgreSQL from the Lambda group only"
@@ -177,6 +204,113 @@ resource "aws_security_group_rule" "database_postgres_in" {
   from_port                = 5432
   to_port                  = 5432
   source_security_group_id = aws_security_group.lambda.id
+}
+
+moved {
+  from = aws_security_group_rule.lambda_postgres_out
+  to   = aws_security_group_rule.lambda_postgres_out[0]
+}
+
+moved {
+  from = aws_security_group_rule.database_postgres_in
+  to   = aws_security_group_rule.database_postgres_in[0]
+}
+
+resource "aws_security_group_rule" "lambda_postgres_to_proxy" {
+  count = local.proxy_count
+
+  type                     = "egress"
+  security_group_id        = aws_security_group.lambda.id
+  description              = "PostgreSQL to RDS Proxy"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.proxy[0].id
+}
+
+resource "aws_security_group_rule" "proxy_postgres_in" {
+  count = local.proxy_count
+
+  type                     = "ingress"
+  security_group_id        = aws_security_group.proxy[0].id
+  description              = "PostgreSQL from the Lambda group"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.lambda.id
+}
+
+resource "aws_security_group_rule" "proxy_postgres_out" {
+  count = local.proxy_count
+
+  type                     = "egress"
+  security_group_id        = aws_security_group.proxy[0].id
+  description              = "PostgreSQL to the database group"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.database.id
+}
+
+resource "aws_security_group_rule" "database_postgres_from_proxy" {
+  count = local.proxy_count
+
+  type                     = "ingress"
+  security_group_id        = aws_security_group.database.id
+  description              = "PostgreSQL from RDS Proxy"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.proxy[0].id
+}
+
+# The migration function holds the master password: it reaches the database
+# and Secrets Manager, nothing else.
+resource "aws_security_group_rule" "migration_postgres_out" {
+  type                     = "egress"
+  security_group_id        = aws_security_group.migration.id
+  description              = "PostgreSQL to the database group"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.database.id
+}
+
+resource "aws_security_group_rule" "database_postgres_from_migration" {
+  type                     = "ingress"
+  security_group_id        = aws_security_group.database.id
+  description              = "PostgreSQL from the migration function"
+  protocol                 = "tcp"
+  from_port                = 5432
+  to_port                  = 5432
+  source_security_group_id = aws_security_group.migration.id
+}
+
+# Secrets Manager has no fixed addresses: through the NAT gateway its HTTPS
+# can only be allowed to any address (the function calls nothing else);
+# without NAT, only to the endpoint below.
+resource "aws_security_group_rule" "migration_https_out" {
+  count = var.enable_nat_gateway ? 1 : 0
+
+  type              = "egress"
+  security_group_id = aws_security_group.migration.id
+  description       = "HTTPS out (Secrets Manager) through the NAT gateway"
+  protocol          = "tcp"
+  from_port         = 443
+  to_port           = 443
+  cidr_blocks       = ["0.0.0.0/0"]
+}
+
+resource "aws_security_group_rule" "migration_https_to_endpoints" {
+  count = var.enable_nat_gateway ? 0 : 1
+
+  type                     = "egress"
+  security_group_id        = aws_security_group.migration.id
+  description              = "HTTPS to the Secrets Manager endpoint"
+  protocol                 = "tcp"
+  from_port                = 443
+  to_port                  = 443
+  source_security_group_id = aws_security_group.endpoints[0].id
 }
 
 # Without a NAT gateway nothing in the private subnets reaches AWS APIs; the
@@ -187,7 +321,7 @@ resource "aws_security_group" "endpoints" {
   count = var.enable_nat_gateway ? 0 : 1
 
   name        = "${var.name}-endpoints"
-  description = "Interface VPC endpoints: HTTPS from the Lambda group only"
+  description = "Interface VPC endpoints: HTTPS from the migration function only"
   vpc_id      = aws_vpc.main.id
 
   tags = { Name = "${var.name}-endpoints" }
@@ -198,11 +332,11 @@ resource "aws_security_group_rule" "endpoints_https_in" {
 
   type                     = "ingress"
   security_group_id        = aws_security_group.endpoints[0].id
-  description              = "HTTPS from the Lambda group only"
+  description              = "HTTPS from the migration function only"
   protocol                 = "tcp"
   from_port                = 443
   to_port                  = 443
-  source_security_group_id = aws_security_group.lambda.id
+  source_security_group_id = aws_security_group.migration.id
 }
 
 resource "aws_vpc_endpoint" "secretsmanager" {

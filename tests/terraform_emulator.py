@@ -111,43 +111,59 @@ def assert_network_isolation(endpoint: str, deployed: dict) -> None:
 
     lambda_sg = deployed["aws_security_group.lambda"]["id"]
     database_sg = deployed["aws_security_group.database"]["id"]
-    groups = {
-        group["GroupId"]: group
-        for group in ec2.describe_security_groups(
-            GroupIds=[
-                lambda_sg,
-                database_sg,
-                deployed["aws_default_security_group.default"]["id"],
-            ]
-        )["SecurityGroups"]
-    }
-
-    def summary(permissions: list[dict]) -> set[tuple]:
-        return {
-            (
-                p["IpProtocol"],
-                p["FromPort"],
-                p["ToPort"],
-                r.get("CidrIp") or r.get("GroupId"),
-            )
-            for p in permissions
-            for r in p["IpRanges"] + p["UserIdGroupPairs"]
-        }
-
+    migration_sg = deployed["aws_security_group.migration"]["id"]
+    groups = security_groups(
+        endpoint,
+        lambda_sg,
+        database_sg,
+        migration_sg,
+        deployed["aws_default_security_group.default"]["id"],
+    )
     assert groups[lambda_sg]["IpPermissions"] == []
     assert summary(groups[lambda_sg]["IpPermissionsEgress"]) == {
         ("tcp", 443, 443, "0.0.0.0/0"),
         ("tcp", 5432, 5432, database_sg),
     }
     assert summary(groups[database_sg]["IpPermissions"]) == {
-        ("tcp", 5432, 5432, lambda_sg)
+        ("tcp", 5432, 5432, lambda_sg),
+        ("tcp", 5432, 5432, migration_sg),
     }
     assert groups[database_sg]["IpPermissionsEgress"] == []
+    # The migration function's own: the database, and HTTPS through the NAT.
+    assert groups[migration_sg]["IpPermissions"] == []
+    assert summary(groups[migration_sg]["IpPermissionsEgress"]) == {
+        ("tcp", 443, 443, "0.0.0.0/0"),
+        ("tcp", 5432, 5432, database_sg),
+    }
     default_group = groups[deployed["aws_default_security_group.default"]["id"]]
     assert (default_group["IpPermissions"], default_group["IpPermissionsEgress"]) == (
         [],
         [],
     )
+
+
+def security_groups(endpoint: str, *group_ids: str) -> dict[str, dict]:
+    ec2 = emulator_client(endpoint, "ec2")
+    return {
+        group["GroupId"]: group
+        for group in ec2.describe_security_groups(GroupIds=list(group_ids))[
+            "SecurityGroups"
+        ]
+    }
+
+
+def summary(permissions: list[dict]) -> set[tuple]:
+    """(protocol, from port, to port, CIDR or group) of each rule."""
+    return {
+        (
+            p["IpProtocol"],
+            p["FromPort"],
+            p["ToPort"],
+            r.get("CidrIp") or r.get("GroupId"),
+        )
+        for p in permissions
+        for r in p["IpRanges"] + p["UserIdGroupPairs"]
+    }
 
 
 def unexpected_changes(plan: dict) -> list[tuple[str, list[str]]]:
@@ -236,6 +252,9 @@ def leftovers(endpoint: str) -> dict[str, list]:
             r["RoleName"]
             for r in emulator_client(endpoint, "iam").list_roles()["Roles"]
             if r["RoleName"].startswith(NAME)
+        ],
+        "db_proxies": [
+            p["DBProxyName"] for p in rds.describe_db_proxies()["DBProxies"]
         ],
     }
     return {kind: names for kind, names in found.items() if names}
@@ -359,6 +378,14 @@ def assert_migration_function_reads_the_secret_by_arn(endpoint: str) -> None:
         {"sslmode": "require"},
     )
     assert config["VpcConfig"]["SubnetIds"], "inside the VPC, next to the database"
+    assert (
+        config["VpcConfig"]["SecurityGroupIds"]
+        != (
+            emulator_client(endpoint, "lambda").get_function_configuration(
+                FunctionName=NAME
+            )["VpcConfig"]["SecurityGroupIds"]
+        )
+    ), "a security group of its own, not the API function's"
 
 
 def _role_statements(iam, role: str) -> list[dict]:
@@ -497,7 +524,9 @@ def unexpected_changes_under_snapstart(plan: dict) -> list[tuple[str, list[str]]
     return [change for change in unexpected_changes(plan) if change[0] not in gaps]
 
 
-def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -> None:
+def assert_monitoring_deployed(
+    endpoint: str, deployed: dict, variables: dict, *, proxy: bool
+) -> None:
     """Alarms on the topic, the e-mail subscription, the dashboard and the one
     schedule (the sweep's, which publishes the gauges), as the emulator holds
     them."""
@@ -509,6 +538,13 @@ def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -
             "MetricAlarms"
         ]
     }
+    # With RDS Proxy, the proxy caps the database's connections: its own
+    # alarms instead of the connection count's.
+    connections = (
+        {"rds-proxy-pinned", "rds-proxy-borrow-latency"}
+        if proxy
+        else {"db-connections"}
+    )
     assert set(alarms) == {
         "lambda-errors",
         "lambda-throttles",
@@ -516,10 +552,10 @@ def assert_monitoring_deployed(endpoint: str, deployed: dict, variables: dict) -
         "api-5xx-rate",
         "db-cpu",
         "db-free-storage",
-        "db-connections",
         "db-freeable-memory",
         "oldest-pending-job",
         "pending-jobs",
+        *connections,
     }
     assert all(alarm["AlarmActions"] == [topic] for alarm in alarms.values())
     assert alarms["oldest-pending-job"]["TreatMissingData"] == "breaching"
@@ -620,3 +656,87 @@ def monitoring_leftovers(endpoint: str) -> dict[str, list]:
         ],
     }
     return {kind: names for kind, names in found.items() if names}
+
+
+def assert_api_goes_through_the_proxy(
+    endpoint: str, deployed: dict, ca_bundle: str
+) -> None:
+    """With enable_rds_proxy: the proxy as the emulator holds it (TLS
+    required, IAM auth, its one secret, the instance as its target), the API
+    function pointed at it with DB_POOLER=1 and allowed to reach it only, the
+    proxy's role reading that secret only, both functions verifying TLS."""
+    rds = emulator_client(endpoint, "rds")
+    (proxy,) = rds.describe_db_proxies(DBProxyName=NAME)["DBProxies"]
+    secret_arn = deployed["aws_secretsmanager_secret.app_db[0]"]["arn"]
+    assert (proxy["EngineFamily"], proxy["RequireTLS"]) == ("POSTGRESQL", True)
+    [auth] = proxy["Auth"]
+    assert (auth["AuthScheme"], auth["IAMAuth"], auth["SecretArn"]) == (
+        "SECRETS",
+        "REQUIRED",
+        secret_arn,
+    )
+    assert proxy["RoleArn"] == deployed["aws_iam_role.proxy[0]"]["arn"]
+    targets = rds.describe_db_proxy_targets(DBProxyName=NAME)["Targets"]
+    assert [target["Type"] for target in targets] == ["RDS_INSTANCE"]
+    # Never a value from Terraform: the migration function makes it.
+    secrets = emulator_client(endpoint, "secretsmanager")
+    assert "VersionIdsToStages" not in secrets.describe_secret(SecretId=secret_arn)
+
+    lambdas = emulator_client(endpoint, "lambda")
+    api = lambdas.get_function_configuration(FunctionName=NAME)
+    env = api["Environment"]["Variables"]
+    assert (env["DB_POOLER"], env["DB_IAM_AUTH"], env["DB_SSL_ROOT_CERT"]) == (
+        "1",
+        "1",
+        ca_bundle,
+    )
+    assert make_url(env["DATABASE_URL"]).host == proxy["Endpoint"]
+    concurrency = lambdas.get_function_concurrency(FunctionName=NAME)
+    assert concurrency["ReservedConcurrentExecutions"] == 100
+    migrate = lambdas.get_function_configuration(FunctionName=MIGRATION_FUNCTION)
+    migrate_env = migrate["Environment"]["Variables"]
+    assert migrate_env["DB_APP_SECRET_ARN"] == secret_arn
+    assert migrate_env["DB_SSL_ROOT_CERT"] == ca_bundle
+    db = deployed["aws_db_instance.main"]
+    assert make_url(migrate_env["DATABASE_URL"]).host == db["address"], "directly"
+
+    lambda_sg = deployed["aws_security_group.lambda"]["id"]
+    proxy_sg = deployed["aws_security_group.proxy[0]"]["id"]
+    database_sg = deployed["aws_security_group.database"]["id"]
+    migration_sg = deployed["aws_security_group.migration"]["id"]
+    assert proxy["VpcSecurityGroupIds"] == [proxy_sg]
+    groups = security_groups(endpoint, lambda_sg, proxy_sg, database_sg)
+    assert summary(groups[lambda_sg]["IpPermissionsEgress"]) == {
+        ("tcp", 443, 443, "0.0.0.0/0"),
+        ("tcp", 5432, 5432, proxy_sg),
+    }
+    assert summary(groups[proxy_sg]["IpPermissions"]) == {
+        ("tcp", 5432, 5432, lambda_sg)
+    }
+    assert summary(groups[proxy_sg]["IpPermissionsEgress"]) == {
+        ("tcp", 5432, 5432, database_sg)
+    }
+    assert summary(groups[database_sg]["IpPermissions"]) == {
+        ("tcp", 5432, 5432, proxy_sg),
+        ("tcp", 5432, 5432, migration_sg),
+    }
+
+    iam = emulator_client(endpoint, "iam")
+    master_arn, _ = master_secret(endpoint)
+    proxy_role = _role_statements(iam, f"{NAME}-rds-proxy")
+    assert _allows(proxy_role, "secretsmanager:GetSecretValue", secret_arn)
+    assert not _allows(proxy_role, "secretsmanager:GetSecretValue", master_arn)
+    assert not _allows(proxy_role, "secretsmanager:PutSecretValue", secret_arn)
+    migration_role = _role_statements(iam, MIGRATION_FUNCTION)
+    assert _allows(migration_role, "secretsmanager:PutSecretValue", secret_arn)
+    api_role = _role_statements(iam, api["Role"].split("/")[-1])
+    account, proxy_id = api["Role"].split(":")[4], proxy["DBProxyArn"].split(":")[-1]
+    through_proxy = (
+        f"arn:aws:rds-db:{EMULATOR_REGION}:{account}:dbuser:{proxy_id}/extraction_app"
+    )
+    assert [
+        resource
+        for statement in api_role
+        for resource in _as_list(statement.get("Resource", []))
+        if ":dbuser" in resource
+    ] == [through_proxy]

@@ -455,9 +455,18 @@ def test_sql_looking_strings_are_stored_verbatim(api, doc_id):
 
 
 def test_health_is_ok(api):
-    response = api.get("/health")
+    response = api.get("/health", params={"deep": "1"})
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "database": "ok"}
+
+
+def test_health_by_default_asks_nothing_of_the_database(api):
+    """Cheap for load balancers and uptime probes; `deep=1` for the database."""
+    response = api.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "not_checked"}
+    refused = api.get("/health", params={"deep": "maybe"})
+    assert refused.status_code == 422
 
 
 def test_unknown_route_and_method_use_detail(api):

@@ -116,7 +116,7 @@ def test_invalid_body_is_422_with_detail(invoke: Invoke) -> None:
 
 
 def test_health(invoke: Invoke) -> None:
-    response = invoke(http_api_event("GET", "/health"))
+    response = invoke(http_api_event("GET", "/health", query="deep=1"))
 
     assert response["statusCode"] == 200
     assert response_json(response) == {"status": "ok", "database": "ok"}

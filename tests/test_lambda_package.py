@@ -22,12 +22,16 @@ from typing import Any
 
 import pytest
 from conftest import backend_url, require
+from faults import certificate_authority
 from lambda_events import http_api_event, response_json
 from test_migration_function import deployment, secrets_endpoint  # noqa: F401
 
 from db_models import SCHEMA_REVISIONS
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import build_lambda
+
 TARGET_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 LAMBDA_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine())
 APP_MODULES = {path.name for path in ROOT.glob("*.py")} | {  # and Alembic's
@@ -181,7 +185,7 @@ def test_isolated_interpreter_serves_api_gateway_events(
     isolated: tuple[str, IsolatedLambda],
 ) -> None:
     backend, lambda_ = isolated
-    health = lambda_.invoke(http_api_event("GET", "/health"))
+    health = lambda_.invoke(http_api_event("GET", "/health", query="deep=1"))
     assert (health["statusCode"], response_json(health)["database"]) == (200, "ok")
 
     body = {"document_id": "isolated.pdf", "priority": 3}
@@ -276,7 +280,7 @@ def test_zip_holds_the_app_modules_and_their_dependencies_only(
     shipped_by_wheels = recorded_paths(package.root)
 
     sources = {name for name in names if not name.endswith(".pyc")}
-    strays = sources - APP_MODULES - shipped_by_wheels
+    strays = sources - APP_MODULES - shipped_by_wheels - {build_lambda.CA_BUNDLE}
     assert not strays, f"neither an app module nor a dependency file: {sorted(strays)}"
     assert APP_MODULES <= sources
     top_level = {name.split("/")[0].split("-")[0] for name in names}
@@ -385,3 +389,21 @@ def test_packaged_docs_serve_swagger_ui_from_the_package(
     assert script["statusCode"] == 200
     assert "SwaggerUIBundle" in script["body"]
     lambda_.close()
+
+
+def test_the_ca_bundle_is_packaged_when_it_was_fetched(tmp_path: Path) -> None:
+    source, root = tmp_path / "checkout", tmp_path / "package"
+    source.mkdir()
+    root.mkdir()
+    bundle = build_lambda.CA_BUNDLE
+    assert "none" in build_lambda.copy_ca_bundle(source, root)
+    assert not (root / bundle).exists()
+
+    authority = certificate_authority(tmp_path, "rds")[0].read_text()
+    (source / bundle).write_text(authority * 2)
+    assert "(2 certificates)" in build_lambda.copy_ca_bundle(source, root)
+    assert (root / bundle).read_bytes() == (source / bundle).read_bytes()
+
+    (source / bundle).write_text("<html>403 Forbidden</html>")  # a failed fetch
+    with pytest.raises(SystemExit):
+        build_lambda.copy_ca_bundle(source, root)

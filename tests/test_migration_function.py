@@ -15,17 +15,19 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import postgres_url
+from conftest import postgres_url, require
 from fastapi.testclient import TestClient
+from faults import PgBouncer, tool
 from psycopg2.errors import InsufficientPrivilege
 from sqlalchemy import create_engine, make_url, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.pool import NullPool
 from terraform_helpers import EMULATOR_REGION, moto_server
 
 import database
 import lambda_handler
 import migration
+import settings
 from db_models import SCHEMA_REVISIONS
 from main import create_app
 
@@ -161,7 +163,7 @@ def test_migrates_creates_the_role_and_the_role_has_data_access_only(
     monkeypatch.setenv("DATABASE_URL", app_url)
     database.reset_engines()
     with TestClient(create_app()) as client:
-        assert client.get("/health").status_code == 200
+        assert client.get("/health?deep=1").status_code == 200
         created = client.post("/extraction-jobs", json={"document_id": "a.pdf"})
         assert created.status_code == 201, created.text
         job_id = created.json()["id"]
@@ -185,10 +187,36 @@ def test_migrates_creates_the_role_and_the_role_has_data_access_only(
         "CREATE SCHEMA intruder",
     ):
         assert refused(app_url, statement), statement
-    # DELETE only where a feature needs it (DELETE_TABLES).
-    assert "extraction_job" in migration.DELETE_TABLES
+    # DELETE only where a feature needs it (TABLE_PRIVILEGES: retention).
+    assert "DELETE" in migration.TABLE_PRIVILEGES["extraction_job"]
     run_as(app_url, "DELETE FROM extraction_job WHERE document_id = 'none'")
     assert run_as(app_url, "SELECT count(*) FROM extraction_job") == [(1,)]
+
+    # History is append-only: written and read, never changed; deleted only
+    # with its job, by retention.
+    assert run_as(app_url, "SELECT count(*) FROM extraction_job_event") == [(2,)]
+    assert refused(app_url, "UPDATE extraction_job_event SET actor = 'forger'")
+    run_as(app_url, "DELETE FROM extraction_job_event WHERE job_id IS NULL")
+    for table, allowed in migration.TABLE_PRIVILEGES.items():
+        granted = run_as(
+            deployment["master_url"],
+            "SELECT privilege_type FROM information_schema.role_table_grants "
+            f"WHERE grantee = '{app}' AND table_name = '{table}' ORDER BY 1",
+        )
+        assert sorted(row[0] for row in granted) == sorted(allowed), table
+
+    # The session settings a pooler cannot pass on are the role's defaults.
+    [(defaults,)] = run_as(
+        deployment["master_url"],
+        "SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r "
+        f"ON r.oid = s.setrole WHERE r.rolname = '{app}'",
+    )
+    assert sorted(defaults) == sorted(
+        f"{name}={value}"
+        for name, value in database.session_settings(
+            settings.settings_from_env()
+        ).items()
+    )
 
 
 def test_a_second_run_is_a_no_op_and_later_tables_are_covered(
@@ -203,7 +231,7 @@ def test_a_second_run_is_a_no_op_and_later_tables_are_covered(
     run_as(deployment["app_url"], "INSERT INTO later_table (v) VALUES (1)")
     run_as(deployment["app_url"], "UPDATE later_table SET v = 2")
     assert run_as(deployment["app_url"], "SELECT v FROM later_table") == [(2,)]
-    # ...without DELETE unless it joins DELETE_TABLES.
+    # ...without DELETE unless TABLE_PRIVILEGES says so.
     assert refused(deployment["app_url"], "DELETE FROM later_table")
 
 
@@ -252,3 +280,53 @@ def test_the_package_leaves_boto_to_the_runtime() -> None:
     source = Path(migration.__file__).read_text()
     top_level = [line for line in source.splitlines() if line.startswith("import")]
     assert not any("boto" in line for line in top_level)
+
+
+def test_with_rds_proxy_the_role_logs_in_with_a_password_kept_in_its_secret(
+    deployment: dict, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """RDS Proxy logs in as the application role with the password in its
+    secret (Terraform makes the secret empty). The migration makes the
+    password, keeps it there, and gives the role only its SCRAM verifier;
+    PgBouncer, an independent SCRAM implementation, checks that the password
+    opens it."""
+    require(tool("pgbouncer") is not None, "pgbouncer is not installed")
+    client, app = deployment["secrets"], deployment["app"]
+    arn = client.create_secret(Name=f"{app}-proxy")["ARN"]  # no value, as Terraform
+    monkeypatch.setenv("DB_APP_SECRET_ARN", arn)
+
+    lambda_handler.migrate({}, None)
+    stored = json.loads(client.get_secret_value(SecretId=arn)["SecretString"])
+    assert stored["username"] == app
+    password = stored["password"]
+    assert password not in caplog.text
+
+    superuser = postgres_url()  # pg_authid is for superusers only
+
+    def login() -> tuple[bool, str]:
+        return run_as(
+            superuser,
+            f"SELECT pg_has_role('{app}', 'rds_iam', 'MEMBER'), rolpassword "
+            f"FROM pg_authid WHERE rolname = '{app}'",
+        )[0]
+
+    in_rds_iam, verifier = login()
+    assert not in_rds_iam, "RDS refuses passwords to members of rds_iam"
+    assert verifier.startswith("SCRAM-SHA-256$4096:"), "never the password itself"
+    name = make_url(deployment["app_url"]).database
+    bouncer = PgBouncer(name, alias=name, scram_users={app: verifier}).start()
+    try:
+        url = f"postgresql+psycopg2://{app}:{{}}@127.0.0.1:{bouncer.port}/{name}"
+        assert run_as(url.format(password), "SELECT current_user") == [(app,)]
+        with pytest.raises(OperationalError, match="SASL authentication failed"):
+            run_as(url.format("not-" + password), "SELECT 1")
+    finally:
+        bouncer.stop()
+
+    # Later runs keep the password; without the proxy, IAM tokens again.
+    lambda_handler.migrate({}, None)
+    again = json.loads(client.get_secret_value(SecretId=arn)["SecretString"])
+    assert again == stored
+    monkeypatch.delenv("DB_APP_SECRET_ARN")
+    lambda_handler.migrate({}, None)
+    assert login() == (True, None)

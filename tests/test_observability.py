@@ -517,7 +517,9 @@ def test_an_unknown_task_is_refused_and_http_events_still_reach_the_app(
     monkeypatch.setattr(
         lambda_handler, "http_handler", lambda_handler.build_handler(create_app())
     )
-    response = lambda_handler.handler(http_api_event("GET", "/health"), LambdaContext())
+    response = lambda_handler.handler(
+        http_api_event("GET", "/health", query="deep=1"), LambdaContext()
+    )
     assert response_json(response) == {"status": "ok", "database": "ok"}
 
 

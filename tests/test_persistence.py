@@ -149,7 +149,7 @@ def test_tables_are_created_lazily_not_at_import_or_app_creation(tmp_path, monke
     monkeypatch.setenv("DB_PATH", str(path))
     client = TestClient(create_app())
     assert not path.exists()
-    assert client.get("/health").status_code == 200
+    assert client.get("/health?deep=1").status_code == 200
     client.post("/extraction-jobs", json={"document_id": "x"})
     assert (
         "extraction_job"
@@ -207,7 +207,7 @@ def unreachable_client(monkeypatch, url):
 def test_database_down_is_503_with_retry_after(monkeypatch, caplog, url):
     client = unreachable_client(monkeypatch, url)
     caplog.set_level(logging.ERROR)
-    health = client.get("/health")
+    health = client.get("/health?deep=1")
     assert health.status_code == 503
     assert health.json() == {"status": "unavailable", "database": "unavailable"}
     assert health.headers["retry-after"]
@@ -232,7 +232,7 @@ def test_postgres_statement_timeout_is_503(monkeypatch):
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT_MS", "300")
     database.reset_engines()
     client = unreachable_client(monkeypatch, url)
-    assert client.get("/health").status_code == 200  # tables exist, pool is warm
+    assert client.get("/health?deep=1").status_code == 200  # tables exist, pool is warm
     locker = psycopg2.connect(os.environ["TEST_DATABASE_URL"])
     try:
         with locker.cursor() as cursor:

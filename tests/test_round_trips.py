@@ -142,7 +142,7 @@ def counted(statement_log, monkeypatch) -> Callable[..., tuple[TestClient, Calla
         monkeypatch.setenv("DATABASE_URL", url)
         database.reset_engines()
         client = TestClient(create_app())
-        assert client.get("/health").status_code == 200  # tables made, pool warm
+        assert client.get("/health?deep=1").status_code == 200  # tables made, pool warm
 
         def count(request: Callable[[], object]) -> tuple[object, list[str]]:
             offset = log.end()
@@ -199,7 +199,7 @@ def test_every_request_type_is_one_round_trip(counted):
     assert len(claimed.json()) == 3
     assert len(sent) == 1, sent
 
-    health, sent = count(lambda: client.get("/health"))
+    health, sent = count(lambda: client.get("/health?deep=1"))
     assert health.status_code == 200
     assert sent == ["SELECT 1"]
 
@@ -365,7 +365,7 @@ def test_a_dead_pooled_connection_is_replaced_and_the_request_succeeds(
     for request in (
         lambda: client.get(f"/extraction-jobs/{job['id']}"),
         lambda: client.post("/extraction-jobs", json={"document_id": "after"}),
-        lambda: client.get("/health"),
+        lambda: client.get("/health?deep=1"),
     ):
         assert request().status_code in (200, 201)
     assert _terminate_app_connections(log) >= 1

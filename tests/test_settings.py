@@ -50,6 +50,12 @@ def problems(**values: str) -> list[str]:
         ("CURSOR_SECRET", "too-short", "at least 32 characters"),
         ("DB_APP_USER", "App-Role", "lower-case letters, digits or _"),
         ("DB_MASTER_SECRET_ARN", "rds-master", "Secrets Manager secret ARN"),
+        ("DB_APP_SECRET_ARN", "app-db", "Secrets Manager secret ARN"),
+        ("DB_KEEPALIVES_IDLE_S", "0", "greater than or equal to 1"),
+        ("DB_KEEPALIVES_COUNT", "three", "valid integer"),
+        ("DB_TCP_USER_TIMEOUT_MS", "-1", "greater than or equal to 0"),
+        ("DB_POOLER", "pgbouncer", "1/true/yes/on or 0/false/no/off"),
+        ("DB_SSL_ROOT_CERT", "no-such-bundle.pem", "no such file"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable_and_the_fix(name, value, wanted):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from terraform_emulator import (
+    assert_api_goes_through_the_proxy,
     assert_api_invokes_the_snapstart_alias,
     assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
@@ -259,7 +260,7 @@ def test_lambda_runs_in_the_private_subnets_behind_one_nat_gateway(
 
 
 def security_group_of(plan: dict, rule_address: str, argument: str) -> str | None:
-    refs = references(plan, rule_address, argument)
+    refs = references(plan, rule_address.split("[")[0], argument)
     return next((ref for ref in refs if ref.count(".") == 1), None)
 
 
@@ -278,26 +279,19 @@ def test_security_group_rules_are_exactly_the_needed_ones(
         )
         for address, rule in of_type(resources, "aws_security_group_rule").items()
     }
+    lambda_, database, migration = (
+        f"aws_security_group.{name}" for name in ("lambda", "database", "migration")
+    )
+    anywhere = ("0.0.0.0/0",)
     assert rules == {
-        ("aws_security_group.lambda", "egress", "tcp", 443, 443, ("0.0.0.0/0",), None),
-        (
-            "aws_security_group.lambda",
-            "egress",
-            "tcp",
-            5432,
-            5432,
-            (),
-            "aws_security_group.database",
-        ),
-        (
-            "aws_security_group.database",
-            "ingress",
-            "tcp",
-            5432,
-            5432,
-            (),
-            "aws_security_group.lambda",
-        ),
+        (lambda_, "egress", "tcp", 443, 443, anywhere, None),  # JWKS
+        (lambda_, "egress", "tcp", 5432, 5432, (), database),
+        (database, "ingress", "tcp", 5432, 5432, (), lambda_),
+        # The migration function's own group: the database, and Secrets
+        # Manager through the NAT gateway (no fixed addresses to name).
+        (migration, "egress", "tcp", 5432, 5432, (), database),
+        (database, "ingress", "tcp", 5432, 5432, (), migration),
+        (migration, "egress", "tcp", 443, 443, anywhere, None),
     }
     inline = [
         key
@@ -428,7 +422,9 @@ def test_outputs(plan: dict) -> None:
         "auth_disabled_warning",
         "migration_function_name",
         "db_master_user_secret_arn",
+        "rds_proxy_endpoint",
     }
+    assert plan["output_changes"]["rds_proxy_endpoint"]["after"] is None
     assert plan["output_changes"]["auth_disabled_warning"]["after"] is None
 
 
@@ -442,6 +438,10 @@ def test_bad_variable_values_are_refused(planner: Terraform) -> None:
         "lambda_architecture": "arm",
         "backup_retention_period": "0",
         "cors_allow_origins": '["*"]',
+        "db_ssl_root_cert": "../rds-ca-bundle.pem",
+        "rds_proxy_max_connections_percent": "5",
+        "public_throttling_burst_limit": "0",
+        "public_throttling_rate_limit": "0",
     }
     args = [
         arg for name, value in bad_values.items() for arg in ("-var", f"{name}={value}")
@@ -458,6 +458,10 @@ def test_bad_variable_values_are_refused(planner: Terraform) -> None:
         "x86_64 or arm64",
         "would turn backups off",
         "no wildcard",
+        "a .pem file name at the package's top level",
+        "rds_proxy_max_connections_percent must be a whole number from 10 to 100",
+        "public_throttling_burst_limit must be a whole number",
+        "public_throttling_rate_limit must be greater than 0",
     ):
         assert message in errors
 
@@ -606,12 +610,24 @@ def test_only_the_migration_role_may_read_the_master_secret(plan: dict) -> None:
             for action in statement.get("actions", {}).get("constant_value", [])
         )
     }
-    assert readers == {"data.aws_iam_policy_document.migration_read_master_secret"}
+    # The master secret: the migration function; RDS Proxy's (made only with
+    # enable_rds_proxy): the proxy reads it, the migration function fills it.
+    assert readers == {
+        "data.aws_iam_policy_document.migration_read_master_secret",
+        "data.aws_iam_policy_document.proxy_read_app_secret",
+    }
     (read,) = policy_statements(plan)[
         "data.aws_iam_policy_document.migration_read_master_secret"
     ]
     assert read["actions"] == {"constant_value": ["secretsmanager:GetSecretValue"]}
     assert read["resources"]["references"] == ["local.db_master_secret_arn"]
+    (proxy_read,) = policy_statements(plan)[
+        "data.aws_iam_policy_document.proxy_read_app_secret"
+    ]
+    assert proxy_read["actions"] == {
+        "constant_value": ["secretsmanager:GetSecretValue"]
+    }
+    assert "aws_secretsmanager_secret.app_db" in proxy_read["resources"]["references"]
     assert "aws_iam_role.migration" in references(
         plan, "aws_iam_role_policy.migration_read_master_secret", "role"
     )
@@ -638,7 +654,7 @@ def test_migration_function_runs_the_same_package_before_the_api_switches(
 
     # Invoked on every apply whose package changed, before the API function.
     invocation = resources["aws_lambda_invocation.migrate[0]"]
-    assert invocation["triggers"] == {"package_sha256": digest}
+    assert invocation["triggers"] == {"package_sha256": digest, "app_login": "iam"}
     assert "aws_lambda_function.migration" in references(
         plan, "aws_lambda_invocation.migrate", "function_name"
     )
@@ -714,37 +730,38 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "run_migrations_on_apply": False,
     }
     terraform = emulated_copy(workspace, "cycle", moto_endpoint, variables)
+    # First with RDS Proxy (and TLS verified), then, SnapStart on, without it
+    # again as by default: both ways and the switch between them, in two
+    # applies.
+    bundle = "rds-ca-bundle.pem"
+    proxy = ("-var", "enable_rds_proxy=true", "-var", f"db_ssl_root_cert={bundle}")
+    snapstart = ("-var", "enable_snapstart=true", "-var", "lambda_runtime=python3.12")
     try:
-        terraform.run("apply", "-auto-approve")
+        terraform.run("apply", "-auto-approve", *proxy)
         state = terraform.show_json()
         deployed = state_values(state)
-        assert_function_wired_to_private_network_and_database(
-            moto_endpoint, deployed, variables
-        )
-        assert_network_isolation(moto_endpoint, deployed)
+        assert_api_goes_through_the_proxy(moto_endpoint, deployed, bundle)
         assert_sweep_schedule_invokes_the_function(moto_endpoint, deployed)
         assert_gateway_authorizer(moto_endpoint, deployed, variables)
         raw_state = (terraform.workdir / "terraform.tfstate").read_text()
         assert_no_password_in_state_or_environment(moto_endpoint, state, raw_state)
         assert_migration_function_reads_the_secret_by_arn(moto_endpoint)
         assert_only_the_migration_role_reads_the_secret(moto_endpoint)
-        assert_api_role_connects_as_exactly_the_app_user(moto_endpoint)
-        assert_monitoring_deployed(moto_endpoint, deployed, variables)
+        assert_monitoring_deployed(moto_endpoint, deployed, variables, proxy=True)
 
-        terraform.run("plan", "-out=replan.tfplan")
+        terraform.run("plan", "-out=replan.tfplan", *proxy)
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []
 
-        # The SnapStart toggle, on the running deployment.
-        snapstart = (
-            "-var",
-            "enable_snapstart=true",
-            "-var",
-            "lambda_runtime=python3.12",
-        )
+        # The SnapStart toggle, on the running deployment; the proxy goes.
         terraform.run("apply", "-auto-approve", *snapstart)
-        assert_api_invokes_the_snapstart_alias(
-            moto_endpoint, state_values(terraform.show_json())
+        deployed = state_values(terraform.show_json())
+        assert_api_invokes_the_snapstart_alias(moto_endpoint, deployed)
+        assert_function_wired_to_private_network_and_database(
+            moto_endpoint, deployed, variables
         )
+        assert_network_isolation(moto_endpoint, deployed)
+        assert_api_role_connects_as_exactly_the_app_user(moto_endpoint)
+        assert_monitoring_deployed(moto_endpoint, deployed, variables, proxy=False)
         terraform.run("plan", "-out=snapstart-replan.tfplan", *snapstart)
         replan = terraform.show_json("snapstart-replan.tfplan")
         assert unexpected_changes_under_snapstart(replan) == []
@@ -909,3 +926,174 @@ def test_bad_monitoring_values_are_refused(planner: Terraform) -> None:
     errors = " ".join(result.stderr.split())
     for name in bad_values:
         assert f"{name} must" in errors, name
+
+
+# --- Resilience: CORS, public throttles, RDS Proxy, TLS verification ----------
+
+
+def test_public_routes_have_a_throttle_of_their_own(resources: dict) -> None:
+    stage = resources["aws_apigatewayv2_stage.default"]
+    throttles = {
+        setting["route_key"]: (
+            setting["throttling_burst_limit"],
+            setting["throttling_rate_limit"],
+        )
+        for setting in stage["route_settings"]
+    }
+    assert throttles == dict.fromkeys(PUBLIC_ROUTES, (20, 10))
+    default = stage["default_route_settings"][0]
+    assert (default["throttling_burst_limit"], default["throttling_rate_limit"]) == (
+        100,
+        50,
+    )
+
+
+def test_the_migration_function_has_a_security_group_of_its_own(
+    plan: dict, no_nat_resources: dict
+) -> None:
+    assert references(
+        plan, "aws_lambda_function.migration", "vpc_config", 0, "security_group_ids"
+    ) == ["aws_security_group.migration.id", "aws_security_group.migration"]
+    # Without NAT: HTTPS to the Secrets Manager endpoint only, which admits
+    # the migration function only.
+    assert "aws_security_group_rule.migration_https_out[0]" not in no_nat_resources
+    assert "aws_security_group_rule.migration_https_to_endpoints[0]" in (
+        no_nat_resources
+    )
+    assert (
+        security_group_of(
+            plan,
+            "aws_security_group_rule.migration_https_to_endpoints",
+            "source_security_group_id",
+        )
+        == "aws_security_group.endpoints[0]"
+    )
+    assert (
+        security_group_of(
+            plan,
+            "aws_security_group_rule.endpoints_https_in",
+            "source_security_group_id",
+        )
+        == "aws_security_group.migration"
+    )
+
+
+CORS_ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture(scope="module")
+def proxy_plan(planner: Terraform) -> dict:
+    """One plan with the options of this section (each plan costs seconds)."""
+    planner.run(
+        "plan",
+        *("-var", "enable_rds_proxy=true"),
+        *("-var", "db_ssl_root_cert=rds-ca-bundle.pem"),
+        *("-var", f'cors_allow_origins=["{CORS_ORIGIN}"]'),
+        "-out=proxy.tfplan",
+    )
+    return planner.show_json("proxy.tfplan")
+
+
+def test_cors_lets_browsers_send_and_read_the_apis_own_headers(
+    proxy_plan: dict,
+) -> None:
+    (cors,) = planned_resources(proxy_plan)["aws_apigatewayv2_api.main"][
+        "cors_configuration"
+    ]
+    assert cors["allow_origins"] == [CORS_ORIGIN]
+    assert set(cors["allow_headers"]) == {
+        "authorization",
+        "content-type",
+        "if-match",
+        "idempotency-key",
+        "x-request-id",
+    }
+    assert set(cors["expose_headers"]) == {
+        "etag",
+        "location",
+        "link",
+        "idempotent-replayed",
+        "retry-after",
+        "x-request-id",
+    }
+
+
+def test_rds_proxy_requires_tls_and_iam_and_reads_one_secret(proxy_plan: dict) -> None:
+    resources = planned_resources(proxy_plan)
+    proxy = resources["aws_db_proxy.main[0]"]
+    assert (proxy["engine_family"], proxy["require_tls"], proxy["debug_logging"]) == (
+        "POSTGRESQL",
+        True,
+        False,
+    )
+    (auth,) = proxy["auth"]
+    assert (auth["auth_scheme"], auth["iam_auth"]) == ("SECRETS", "REQUIRED")
+    assert "aws_secretsmanager_secret.app_db" in references(
+        proxy_plan, "aws_db_proxy.main", "auth", 0, "secret_arn"
+    )
+    assert "aws_subnet.database" in references(
+        proxy_plan, "aws_db_proxy.main", "vpc_subnet_ids"
+    )
+    secret = resources["aws_secretsmanager_secret.app_db[0]"]
+    assert "secret_string" not in secret, "the password is never Terraform's"
+    assume = json.loads(resources["aws_iam_role.proxy[0]"]["assume_role_policy"])
+    assert [s["Principal"] for s in assume["Statement"]] == [
+        {"Service": "rds.amazonaws.com"}
+    ]
+    pool = resources["aws_db_proxy_default_target_group.main[0]"]
+    (config,) = pool["connection_pool_config"]
+    assert (config["max_connections_percent"], config["connection_borrow_timeout"]) == (
+        80,
+        5,
+    )
+    assert "aws_db_proxy_target.main[0]" in resources
+    assert "aws_db_instance.main" in references(
+        proxy_plan, "aws_db_proxy_target.main", "db_instance_identifier"
+    )
+
+
+def test_with_rds_proxy_the_api_reaches_the_database_only_through_it(
+    proxy_plan: dict,
+) -> None:
+    resources = planned_resources(proxy_plan)
+    function = resources["aws_lambda_function.api"]
+    assert function["reserved_concurrent_executions"] == 100
+    rules = {
+        (
+            security_group_of(proxy_plan, address, "security_group_id"),
+            rule["type"],
+            rule["from_port"],
+            security_group_of(proxy_plan, address, "source_security_group_id"),
+        )
+        for address, rule in of_type(resources, "aws_security_group_rule").items()
+        if rule["from_port"] == 5432
+    }
+    lambda_, database, migration, proxy = (
+        f"aws_security_group.{name}"
+        for name in ("lambda", "database", "migration", "proxy[0]")
+    )
+    assert rules == {
+        (lambda_, "egress", 5432, proxy),
+        (proxy, "ingress", 5432, lambda_),
+        (proxy, "egress", 5432, database),
+        (database, "ingress", 5432, proxy),
+        (migration, "egress", 5432, database),  # migrations: directly
+        (database, "ingress", 5432, migration),
+    }
+    (connect,) = policy_statements(proxy_plan)[
+        "data.aws_iam_policy_document.lambda_rds_connect"
+    ]
+    assert "local.proxy_resource_id" in connect["resources"]["references"]
+    # The role's login changes hands: the migration runs again first.
+    invocation = resources["aws_lambda_invocation.migrate[0]"]
+    assert invocation["triggers"]["app_login"] == "rds-proxy"
+    alarms = alarms_by_name(resources)
+    assert "db-connections" not in alarms
+    pinned = alarms["rds-proxy-pinned"]
+    assert (pinned["metric_name"], pinned["threshold"]) == (
+        "DatabaseConnectionsCurrentlySessionPinned",
+        0,
+    )
+    assert alarms["rds-proxy-borrow-latency"]["metric_name"] == (
+        "DatabaseConnectionsBorrowLatency"
+    )

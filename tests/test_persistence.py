@@ -25,6 +25,7 @@ import database
 import drivers
 import repository
 import settings
+from db_models import metadata
 from main import create_app
 from models import JobStatus
 
@@ -173,10 +174,9 @@ def test_table_creation_is_safe_from_many_threads_at_once(tmp_path, monkeypatch)
 def test_make_migrate_command_creates_the_table(database_url):
     """`make migrate` is `alembic upgrade head` on DATABASE_URL."""
     if database_url.startswith("postgresql"):
-        with database.get_engine(database_url).begin() as connection:
-            connection.execute(text("DROP TABLE extraction_job"))
-            connection.execute(text("DROP TABLE IF EXISTS extraction_job_event"))
-            connection.execute(text("DROP TABLE IF EXISTS extraction_job_cursor_key"))
+        engine = database.get_engine(database_url)
+        metadata.drop_all(engine)
+        with engine.begin() as connection:
             connection.execute(text("DROP TABLE alembic_version"))
         database.reset_engines()
     result = subprocess.run(

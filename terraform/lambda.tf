@@ -125,6 +125,8 @@ resource "aws_lambda_function" "api" {
         LOG_LEVEL         = var.log_level
         METRICS_ENABLED   = "1"
         METRICS_NAMESPACE = var.metrics_namespace
+        # events.tf: job outcomes to EventBridge
+        EVENT_BUS_NAME = local.event_bus_name
       },
       var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
       # Behind RDS Proxy: no session state, which would pin the proxy's connections.
@@ -141,6 +143,7 @@ resource "aws_lambda_function" "api" {
     aws_cloudwatch_log_group.lambda,
     aws_iam_role_policy_attachment.lambda_vpc_access,
     aws_iam_role_policy.lambda_rds_connect,
+    aws_iam_role_policy.lambda_put_events,
     # The schema is migrated before the function gets the code that needs it.
     aws_lambda_invocation.migrate,
     aws_db_proxy_target.main,

@@ -70,3 +70,13 @@ check "auth_enabled" {
     error_message = "auth_disabled = true is a test-only setting: no JWT authorizer at the gateway and no token check in the function."
   }
 }
+
+output "event_bus_name" {
+  description = "The EventBridge bus the job events go to (source extraction-jobs, detail-type job.<type>)."
+  value       = local.event_bus_name
+}
+
+output "downstream_queue_url" {
+  description = "The example consumer's SQS queue, with downstream_queue_enabled; else null."
+  value       = var.downstream_queue_enabled ? aws_sqs_queue.downstream[0].url : null
+}

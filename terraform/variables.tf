@@ -303,6 +303,41 @@ variable "job_retention_days" {
   }
 }
 
+# --- Job events on EventBridge --------------------------------------------------
+
+variable "event_bus_name" {
+  type        = string
+  description = "An existing EventBridge bus to publish job events to. null (the default): a custom bus named after var.name is created."
+  default     = null
+
+  validation {
+    condition     = var.event_bus_name == null || can(regex("^[A-Za-z0-9._-]{1,256}$", var.event_bus_name))
+    error_message = "event_bus_name must be null or 1-256 letters, digits, '.', '_' or '-' (a bus name, not an ARN)."
+  }
+
+  validation {
+    condition     = var.event_bus_name != "default"
+    error_message = "event_bus_name must not be the account's default bus: job events go to a custom bus."
+  }
+}
+
+variable "downstream_queue_enabled" {
+  type        = bool
+  description = "Also create an example consumer: a rule sending every job event to an SQS queue (output downstream_queue_url)."
+  default     = false
+}
+
+variable "alarm_events_publish_failed_threshold" {
+  type        = number
+  description = "The publishing alarm fires when at least this many job events failed to publish in each of two 5-minute periods (EventsPublishFailed)."
+  default     = 1
+
+  validation {
+    condition     = var.alarm_events_publish_failed_threshold >= 1 && floor(var.alarm_events_publish_failed_threshold) == var.alarm_events_publish_failed_threshold
+    error_message = "alarm_events_publish_failed_threshold must be a whole number of at least 1."
+  }
+}
+
 # --- Migrations and database credentials ---------------------------------------
 
 variable "db_app_username" {

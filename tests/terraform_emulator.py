@@ -256,6 +256,14 @@ def leftovers(endpoint: str) -> dict[str, list]:
         "db_proxies": [
             p["DBProxyName"] for p in rds.describe_db_proxies()["DBProxies"]
         ],
+        "event_buses": [
+            bus["Name"]
+            for bus in emulator_client(endpoint, "events").list_event_buses()[
+                "EventBuses"
+            ]
+            if bus["Name"] != "default"
+        ],
+        "queues": emulator_client(endpoint, "sqs").list_queues().get("QueueUrls", []),
     }
     return {kind: names for kind, names in found.items() if names}
 
@@ -439,6 +447,58 @@ def assert_only_the_migration_role_reads_the_secret(endpoint: str) -> None:
         if _allows(_role_statements(iam, role), "secretsmanager:GetSecretValue", arn)
     }
     assert readers == {MIGRATION_FUNCTION}
+
+
+def assert_job_events_deployed(endpoint: str) -> None:
+    """The bus, the function's right to put to it (and to nothing else), its
+    EVENT_BUS_NAME, and the example rule delivering an event to the queue."""
+    events = emulator_client(endpoint, "events")
+    bus = events.describe_event_bus(Name=NAME)
+    function = emulator_client(endpoint, "lambda").get_function_configuration(
+        FunctionName=NAME
+    )
+    assert function["Environment"]["Variables"]["EVENT_BUS_NAME"] == NAME
+    iam = emulator_client(endpoint, "iam")
+    putters = {
+        role["RoleName"]
+        for role in iam.list_roles()["Roles"]
+        if _allows(
+            _role_statements(iam, role["RoleName"]), "events:PutEvents", bus["Arn"]
+        )
+    }
+    assert putters == {f"{NAME}-lambda"}
+    assert not _allows(
+        _role_statements(iam, f"{NAME}-lambda"),
+        "events:PutEvents",
+        "*:event-bus/default",
+    )
+    (rule,) = events.list_rules(EventBusName=NAME)["Rules"]
+    assert json.loads(rule["EventPattern"]) == {"source": ["extraction-jobs"]}
+    (target,) = events.list_targets_by_rule(Rule=rule["Name"], EventBusName=NAME)[
+        "Targets"
+    ]
+    sqs = emulator_client(endpoint, "sqs")
+    queue = sqs.get_queue_url(QueueName=f"{NAME}-job-events")["QueueUrl"]
+    attributes = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])[
+        "Attributes"
+    ]
+    assert target["Arn"] == attributes["QueueArn"]
+    (allowed,) = json.loads(attributes["Policy"])["Statement"]
+    assert allowed["Principal"] == {"Service": "events.amazonaws.com"}
+    assert allowed["Condition"]["ArnEquals"]["aws:SourceArn"] == rule["Arn"]
+    sent = events.put_events(
+        Entries=[
+            {
+                "Source": "extraction-jobs",
+                "DetailType": "job.completed",
+                "Detail": json.dumps({"job_id": "deployed"}),
+                "EventBusName": NAME,
+            }
+        ]
+    )
+    assert sent["FailedEntryCount"] == 0
+    received = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=2)["Messages"]
+    assert json.loads(received[0]["Body"])["detail"] == {"job_id": "deployed"}
 
 
 def assert_api_role_connects_as_exactly_the_app_user(endpoint: str) -> None:

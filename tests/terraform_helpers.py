@@ -30,6 +30,7 @@ EMULATED_SERVICES = (
     "apigatewayv2",
     "cloudwatch",
     "ec2",
+    "events",
     "iam",
     "lambda",
     "logs",
@@ -37,6 +38,7 @@ EMULATED_SERVICES = (
     "scheduler",
     "secretsmanager",
     "sns",
+    "sqs",
     "sts",
 )
 EMULATOR_REGION = "us-east-1"
@@ -231,6 +233,8 @@ def planned_resources(plan: dict) -> dict[str, dict]:
     return {
         res["address"]: res["values"]
         for res in plan["planned_values"]["root_module"]["resources"]
+        # A data source that reads what only apply makes has none yet.
+        if "values" in res
     }
 
 

@@ -19,12 +19,14 @@ from terraform_emulator import (
     assert_api_role_connects_as_exactly_the_app_user,
     assert_function_wired_to_private_network_and_database,
     assert_gateway_authorizer,
+    assert_job_events_deployed,
     assert_migration_function_reads_the_secret_by_arn,
     assert_monitoring_deployed,
     assert_network_isolation,
     assert_no_password_in_state_or_environment,
     assert_only_the_migration_role_reads_the_secret,
     assert_sweep_schedule_invokes_the_function,
+    emulator_client,
     leftovers,
     monitoring_leftovers,
     state_values,
@@ -332,6 +334,7 @@ def test_function_role_has_only_vpc_access_and_logs_exist_first(
     # Inline: rds-db:connect for the API, the secret for the migration only.
     assert set(of_type(resources, "aws_iam_role_policy")) == {
         "aws_iam_role_policy.lambda_rds_connect",
+        "aws_iam_role_policy.lambda_put_events",
         "aws_iam_role_policy.migration_read_master_secret",
         # The one scheduler role's (schedule.tf), not the function's.
         "aws_iam_role_policy.sweep_invoke",
@@ -423,8 +426,11 @@ def test_outputs(plan: dict) -> None:
         "migration_function_name",
         "db_master_user_secret_arn",
         "rds_proxy_endpoint",
+        "event_bus_name",
+        "downstream_queue_url",
     }
     assert plan["output_changes"]["rds_proxy_endpoint"]["after"] is None
+    assert plan["output_changes"]["downstream_queue_url"]["after"] is None
     assert plan["output_changes"]["auth_disabled_warning"]["after"] is None
 
 
@@ -676,6 +682,22 @@ def no_nat_resources(planner: Terraform) -> dict[str, dict]:
     return planned_resources(planner.show_json("no-nat.tfplan"))
 
 
+def test_without_nat_eventbridge_gets_an_interface_endpoint_for_the_api_only(
+    no_nat_resources: dict,
+) -> None:
+    endpoint = no_nat_resources["aws_vpc_endpoint.events[0]"]
+    assert endpoint["service_name"] == "com.amazonaws.us-east-1.events"
+    assert (endpoint["vpc_endpoint_type"], endpoint["private_dns_enabled"]) == (
+        "Interface",
+        True,
+    )
+    out = no_nat_resources["aws_security_group_rule.lambda_https_to_endpoints[0]"]
+    into = no_nat_resources["aws_security_group_rule.endpoints_https_from_lambda[0]"]
+    for rule, kind in ((out, "egress"), (into, "ingress")):
+        assert (rule["type"], rule["from_port"], rule["to_port"]) == (kind, 443, 443)
+        assert rule.get("cidr_blocks") in (None, [])
+
+
 def test_without_nat_secrets_manager_gets_an_interface_endpoint(
     no_nat_resources: dict, resources: dict
 ) -> None:
@@ -725,6 +747,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "db_skip_final_snapshot": True,
         "alarm_email": "oncall@example.com",
         "pending_jobs_alarm_threshold": 500,
+        "downstream_queue_enabled": True,
         # moto stores a function but cannot run it, so the migration cannot be
         # invoked here; everything else about it is deployed and checked.
         "run_migrations_on_apply": False,
@@ -748,6 +771,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         assert_migration_function_reads_the_secret_by_arn(moto_endpoint)
         assert_only_the_migration_role_reads_the_secret(moto_endpoint)
         assert_monitoring_deployed(moto_endpoint, deployed, variables, proxy=True)
+        assert_job_events_deployed(moto_endpoint)
 
         terraform.run("plan", "-out=replan.tfplan", *proxy)
         assert unexpected_changes(terraform.show_json("replan.tfplan")) == []
@@ -811,6 +835,8 @@ def test_alarms_have_deliberate_thresholds_and_missing_data(resources: dict) -> 
         "db-freeable-memory": ("AWS/RDS", "FreeableMemory", "LessThan", 64 * 2**20, "missing"),
         # a silent gauge is an unwatched queue
         "oldest-pending-job": ("ExtractionJobs", "OldestPendingAgeSeconds", "GreaterThan", 900, "breaching"),
+        # events waiting in the outbox for the next sweep
+        "events-publish-failed": ("ExtractionJobs", "EventsPublishFailed", "GreaterThanOrEqualTo", 1, "notBreaching"),
     }  # fmt: skip
     assert alarms["lambda-duration-p99"]["extended_statistic"] == "p99"
     rate = {q["id"]: q for q in alarms["api-5xx-rate"]["metric_query"]}
@@ -827,7 +853,7 @@ def test_every_alarm_notifies_the_created_topic(plan: dict, resources: dict) -> 
     assert resources["aws_sns_topic.alarms[0]"]["name"] == f"{NAME}-alarms"
     assert of_type(resources, "aws_sns_topic_subscription") == {}  # no alarm_email
     alarms = of_type(resources, "aws_cloudwatch_metric_alarm")
-    assert len(alarms) == 9
+    assert len(alarms) == 10
     for address in alarms:
         config_address = address.split("[")[0]
         for actions in ("alarm_actions", "ok_actions"):
@@ -1097,3 +1123,84 @@ def test_with_rds_proxy_the_api_reaches_the_database_only_through_it(
     assert alarms["rds-proxy-borrow-latency"]["metric_name"] == (
         "DatabaseConnectionsBorrowLatency"
     )
+
+
+# --- Job events on EventBridge ---------------------------------------------------
+
+
+def test_job_events_go_to_a_custom_bus_the_function_alone_may_put_to(
+    plan: dict, resources: dict
+) -> None:
+    bus = resources["aws_cloudwatch_event_bus.jobs[0]"]
+    assert bus["name"] == NAME
+    (put,) = policy_statements(plan)["data.aws_iam_policy_document.lambda_put_events"]
+    assert put["actions"] == {"constant_value": ["events:PutEvents"]}
+    assert put["resources"]["references"] == ["local.event_bus_arn"]
+    assert "aws_iam_role.lambda" in references(
+        plan, "aws_iam_role_policy.lambda_put_events", "role"
+    )
+    # (The function's environment is checked deployed: it is unknown until
+    # apply, as it holds the database address.)
+    env = references(plan, "aws_lambda_function.api", "environment", 0, "variables")
+    assert "local.event_bus_name" in env
+    # The example consumer is off by default.
+    assert of_type(resources, "aws_sqs_queue") == {}
+    assert of_type(resources, "aws_cloudwatch_event_rule") == {}
+
+
+def test_an_existing_bus_is_used_by_name_and_not_created(
+    planner: Terraform, moto_endpoint: str
+) -> None:
+    events = emulator_client(moto_endpoint, "events")
+    events.create_event_bus(Name="shared-bus")
+    try:
+        planner.run("plan", "-var", "event_bus_name=shared-bus", "-out=bus.tfplan")
+        plan = planner.show_json("bus.tfplan")
+    finally:
+        events.delete_event_bus(Name="shared-bus")
+    resources = planned_resources(plan)
+    assert of_type(resources, "aws_cloudwatch_event_bus") == {}
+    (statement,) = json.loads(
+        resources["aws_iam_role_policy.lambda_put_events"]["policy"]
+    )["Statement"]
+    assert statement["Resource"].endswith(":event-bus/shared-bus")
+
+
+def test_the_example_queue_takes_this_deployments_job_events_only(
+    planner: Terraform,
+) -> None:
+    planner.run("plan", "-var", "downstream_queue_enabled=true", "-out=queue.tfplan")
+    plan = planner.show_json("queue.tfplan")
+    resources = planned_resources(plan)
+    queue = resources["aws_sqs_queue.downstream[0]"]
+    assert queue["sqs_managed_sse_enabled"] is True
+    rule = resources["aws_cloudwatch_event_rule.downstream[0]"]
+    assert json.loads(rule["event_pattern"]) == {"source": ["extraction-jobs"]}
+    assert rule["event_bus_name"] == NAME
+    assert "aws_sqs_queue.downstream[0].arn" in references(
+        plan, "aws_cloudwatch_event_target.downstream", "arn"
+    )
+    (statement,) = policy_statements(plan)[
+        "data.aws_iam_policy_document.downstream_queue"
+    ]
+    assert statement["actions"]["constant_value"] == ["sqs:SendMessage"]
+    assert statement["principals"][0]["identifiers"]["constant_value"] == [
+        "events.amazonaws.com"
+    ]
+    (condition,) = statement["condition"]
+    assert condition["variable"]["constant_value"] == "aws:SourceArn"
+    assert condition["values"]["references"][0].startswith(
+        "aws_cloudwatch_event_rule.downstream[0]"
+    )
+
+
+def test_bad_event_bus_values_are_refused(planner: Terraform) -> None:
+    for value, says in (
+        ("arn:aws:events:us-east-1:1:event-bus/x", "a bus name, not an ARN"),
+        ("default", "custom bus"),
+    ):
+        refused = planner.run(
+            "plan", "-var", f"event_bus_name={value}", expect_success=False
+        )
+        assert refused.returncode != 0
+        assert says in " ".join(refused.stderr.split())

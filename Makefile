@@ -32,10 +32,11 @@ $(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-# The banner names the database settings.py resolves (password hidden).
+# uvicorn through scripts/serve.py: JSON lines only (the first two name the
+# database in use, password hidden, and say that auth is off), and a reload on
+# a change of the project's own .py files (watchfiles: no polling).
 run: install-run
-	@AUTH_DISABLED=1 $(BIN)/python settings.py banner
-	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port $(PORT)
+	@AUTH_DISABLED=1 exec $(BIN)/python scripts/serve.py --host 127.0.0.1 --port $(PORT)
 
 # /docs and /redoc in headless Chromium with no network but loopback
 # (needs Debian's chromium: apt-get install chromium). Not part of `make test`.

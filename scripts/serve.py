@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import observability  # noqa: E402  (the JSON logging, before uvicorn logs)
-import settings  # noqa: E402
+import observability  # the JSON logging, before uvicorn logs anything
+import settings
 
 SERVED_FOLDERS = {"migrations"}  # with the top-level modules: what the server runs
 

@@ -63,9 +63,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# alembic upgrade head against DATABASE_URL (or the default SQLite file).
+# alembic upgrade head against DATABASE_URL (or the default SQLite file),
+# saying which database and from which revision to which.
 migrate: install-run
-	$(BIN)/alembic upgrade head
+	@$(BIN)/python scripts/migrate.py
 
 # One sweep now (expired leases, retention) against DATABASE_URL or the SQLite file.
 sweep: install-run
@@ -74,8 +75,10 @@ sweep: install-run
 build:
 	LAMBDA_PYTHON=$(LAMBDA_PYTHON) LAMBDA_ARCH=$(LAMBDA_ARCH) scripts/build_lambda.sh
 
-plan: install
-	scripts/terraform.sh plan
+# Planning needs terraform, the provider (scripts/tf_mirror.sh) and lambda.zip:
+# no Python packages.
+plan:
+	@scripts/terraform.sh plan
 
 deploy: build
 	scripts/terraform.sh apply

@@ -6,9 +6,10 @@ examples run.
 A shell block preceded by `<!-- runnable -->` is run, block by block in the
 order of its file, in one bash session against a fresh `make run` (SQLite,
 auth off, a free port given as PORT). Each `curl` in it carries the status it
-answers (`# → 201`); the server's own request log lines say what each
-request really answered, and a block fails when they differ, when any
-command fails, or when it holds a placeholder that cannot be pasted."""
+answers (`# → 201`), or, for a loop, the block says
+`# every request here answers 200`; the server's own request log lines say
+what each request really answered, and a block fails when they differ, when
+any command fails, or when it holds a placeholder that cannot be pasted."""
 
 import json
 import os
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 import settings
-from conftest import require
 from models import Job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,7 @@ RUNNABLE = "<!-- runnable -->"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 EXPECTED_STATUS = re.compile(r"#\s*→\s*(\d{3})\b")
+EVERY_REQUEST = re.compile(r"^# every request here answers (\d{3})$", re.MULTILINE)
 PLACEHOLDER = re.compile(r"…|\.\.\.|<[a-z][a-z _-]*>")
 
 
@@ -100,7 +102,9 @@ def test_every_relative_link_resolves():
             resolved = (page.parent / file_part).resolve() if file_part else page
             if not resolved.exists():
                 broken.append(f"{page.name}: {target}")
-            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            elif (
+                anchor and resolved.suffix == ".md" and anchor not in anchors(resolved)
+            ):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert broken == []
 
@@ -121,7 +125,11 @@ def job_examples() -> list[tuple[str, dict]]:
             if language != "json":
                 continue
             value = json.loads(code)
-            if isinstance(value, dict) and "document_id" in value and "version" in value:
+            if (
+                isinstance(value, dict)
+                and "document_id" in value
+                and "version" in value
+            ):
                 examples.append((page.name, value))
     return examples
 
@@ -271,19 +279,23 @@ def test_the_runnable_examples_answer_as_the_text_says(page, tmp_path):
                 continue
             assert language in ("bash", "sh"), code
             assert not PLACEHOLDER.search(code), f"a placeholder:\n{code}"
-            wanted = expected_statuses(code)
+            every = EVERY_REQUEST.search(code)
+            wanted = [] if every else expected_statuses(code)
             before = len(server.requests())
             output = shell.run(code)
+            time.sleep(0.2)  # the last request's line follows its answer
             deadline = time.monotonic() + 10
-            while len(server.requests()) < before + len(wanted):
+            while len(server.requests()) < before + (1 if every else len(wanted)):
                 assert time.monotonic() < deadline, (code, output, server.requests())
                 time.sleep(0.05)
             got = [r["status"] for r in server.requests()[before:]]
-            assert got == wanted, f"{code}\n{output}"
-        time.sleep(0.2)  # a late request line would show here
-        assert len(server.requests()) == sum(
-            len(expected_statuses(code)) for _, code, r in blocks(page) if r
-        )
+            if every:
+                assert set(got) == {int(every.group(1))}, f"{code}\n{output}\n{got}"
+            else:
+                assert got == wanted, f"{code}\n{output}"
+        seen = len(server.requests())
+        time.sleep(0.5)
+        assert len(server.requests()) == seen, "a request no block announced"
     finally:
         shell.close()
         server.stop()

@@ -10,7 +10,7 @@ Adding a variable is one line in `Settings`:
     log_level: LogLevel = env("LOG_LEVEL", "INFO", "Python log level", example="DEBUG")
 
 docs/configuration.md's table is this module's output
-(`python settings.py table`); tests/test_docs_manual.py keeps the two equal.
+(`python settings.py table`); tests/test_manual.py keeps the two equal.
 """
 
 from __future__ import annotations

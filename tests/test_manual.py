@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
+import database
 import settings
 from models import Job
 
@@ -115,6 +116,19 @@ def test_the_configuration_table_is_the_settings_table():
     header = "| variable | default | meaning |\n|---|---|---|\n"
     table = text[text.index(header) :].split("\n\n", 1)[0]
     assert table + "\n" == settings.markdown_table()
+
+
+def test_the_make_migrate_example_names_this_code_s_revisions():
+    """Its output is quoted in operations.md; the formats are checked against
+    the real command in tests/test_entry_points.py, the revisions here."""
+    quoted = [
+        line
+        for line in (DOCS / "operations.md").read_text().splitlines()
+        if line.startswith("# make migrate: ")
+    ]
+    assert len(quoted) == 3
+    revisions = {r for line in quoted for r in re.findall(r"\b\d{4}_\w+", line)}
+    assert revisions == {database.SCHEMA_HEAD}
 
 
 def job_examples() -> list[tuple[str, dict]]:

@@ -7,12 +7,16 @@ talk to a deployed API over the network instead.
 """
 
 import os
+import socket
+import subprocess
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +35,9 @@ for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
 warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, text
+from sqlalchemy import create_engine, delete, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 import database
 from db_models import Base, ExtractionJob, JobEventRow
@@ -79,6 +85,40 @@ def empty_postgres(url: str) -> None:
     with engine.begin() as connection:
         connection.execute(delete(ExtractionJob))
         connection.execute(delete(JobEventRow))
+
+
+@contextmanager
+def scratch_postgres_database(suffix: str) -> Iterator[str]:
+    """An empty PostgreSQL database of its own beside TEST_DATABASE_URL's
+    (named after it with `suffix`), dropped afterwards."""
+    base = make_url(postgres_url())
+    name = f"{base.database}_{suffix}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    drop = text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with admin.connect() as connection:
+        connection.execute(drop)
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(drop)
+        admin.dispose()
+
+
+def wait_until_listening(process: subprocess.Popen, port: int) -> None:
+    """Until something accepts connections on 127.0.0.1:`port`, the process
+    still running. (uvicorn's reloader listens before its server is ready:
+    requests then wait for it.)"""
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the server stopped"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

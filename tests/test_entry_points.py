@@ -13,10 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import postgres_url, require
-from sqlalchemy import create_engine, text
+from conftest import require, scratch_postgres_database
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 from terraform_helpers import require_terraform
 from test_tf_mirror import environment as terraform_environment
 from test_tf_mirror import find_mirror
@@ -73,18 +71,8 @@ def test_make_migrate_says_which_database_and_which_revisions(tmp_path):
 
 @pytest.fixture
 def scratch_postgres() -> Iterator[str]:
-    """A PostgreSQL database of its own, dropped afterwards."""
-    base = make_url(postgres_url())
-    name = f"{base.database}_make_migrate"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    drop = text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    with admin.connect() as connection:
-        connection.execute(drop)
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(drop)
-    admin.dispose()
+    with scratch_postgres_database("make_migrate") as url:
+        yield url
 
 
 def test_make_migrate_on_postgresql_from_a_revision_without_the_password(

@@ -13,16 +13,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import postgres_url
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from conftest import scratch_postgres_database, wait_until_listening
 
 import settings
 
@@ -108,15 +104,8 @@ def serve(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.communicate()
-            try:
-                httpx.get(f"{base}/openapi.json", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_until_listening(server, port)
+        httpx.get(f"{base}/openapi.json", timeout=60)  # answered once it serves
         work(base)
         os.kill(_server_pid(server), signal.SIGINT)
         stdout, stderr = server.communicate(timeout=60)
@@ -190,19 +179,9 @@ def test_jwks_unreachable_is_json_lines(tmp_path):
 
 @pytest.fixture
 def behind_head() -> Iterator[str]:
-    """A PostgreSQL database of its own with no schema yet (`make migrate`
-    never ran), dropped afterwards."""
-    base = make_url(postgres_url())
-    name = f"{base.database}_json_logs"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    drop = text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    with admin.connect() as connection:
-        connection.execute(drop)
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(drop)
-    admin.dispose()
+    """A PostgreSQL database with no schema yet (`make migrate` never ran)."""
+    with scratch_postgres_database("json_logs") as url:
+        yield url
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import require, wait_until_listening
 
 import database
 import settings
@@ -200,17 +200,8 @@ class Server:
         self.not_json: list[str] = []
         for stream in (self.process.stdout, self.process.stderr):
             threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-        # Listening is enough (a request would add a line to the log): the
-        # reloader listens first and hands the socket to the server.
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, "make run stopped"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "make run did not start"
-                time.sleep(0.1)
+        # Listening is enough (a request would add a line to the log).
+        wait_until_listening(self.process, self.port)
 
     def _read(self, stream) -> None:
         for line in stream:

@@ -7,6 +7,7 @@ talk to a deployed API over the network instead.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,6 +105,35 @@ def scratch_postgres_database(suffix: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(drop)
         admin.dispose()
+
+
+def start_server(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`uvicorn main:app` or `make run` in the repository, in a process group
+    of its own, stdout and stderr piped (text)."""
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Ctrl-C for the server: SIGINT to uvicorn itself, or to `make run`'s one
+    child (its recipe execs scripts/serve.py), as a terminal would send it
+    minus make's own "Interrupt" line. Killed if it does not stop."""
+    pid = process.pid
+    if process.args[0] == "make":
+        pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    os.kill(pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_until_listening(process: subprocess.Popen, port: int) -> None:

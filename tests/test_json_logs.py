@@ -8,17 +8,22 @@ configuration error; and a normal start and stop."""
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import scratch_postgres_database, wait_until_listening
+from conftest import (
+    scratch_postgres_database,
+    start_server,
+    stop_server,
+    wait_until_listening,
+)
 
 import settings
 
@@ -79,40 +84,31 @@ def make_run_command(port: int) -> list[str]:
 ENTRY_POINTS = {"uvicorn main:app": uvicorn_command, "make run": make_run_command}
 
 
-def _server_pid(process: subprocess.Popen) -> int:
-    """The process to stop: make's recipe execs scripts/serve.py, so the
-    server is make's one child; uvicorn is the process itself."""
-    if process.args[0] != "make":
-        return process.pid
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    return int(children.read_text().split()[0])
-
-
 def serve(
     command: list[str], env: dict[str, str], port: int, work: Callable[[str], None]
 ) -> tuple[list[dict], list[dict]]:
     """Start the server, wait for it to answer, `work(base_url)`, stop it with
     SIGINT (Ctrl-C); the JSON records of its stdout and stderr."""
-    server = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    server = start_server(command, env)
+    output: dict[str, str] = {}
+    readers = [
+        threading.Thread(
+            target=lambda n=n: output.update({n: getattr(server, n).read()})
+        )
+        for n in ("stdout", "stderr")
+    ]
+    for reader in readers:
+        reader.start()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_listening(server, port)
         httpx.get(f"{base}/openapi.json", timeout=60)  # answered once it serves
         work(base)
-        os.kill(_server_pid(server), signal.SIGINT)
-        stdout, stderr = server.communicate(timeout=60)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.communicate()
+        stop_server(server)
+        for reader in readers:
+            reader.join(timeout=30)
+    stdout, stderr = output["stdout"], output["stderr"]
     assert server.returncode == 0, stderr
     return json_records(stdout), json_records(stderr)
 

@@ -16,7 +16,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require, wait_until_listening
+from conftest import require, start_server, stop_server, wait_until_listening
 
 import database
 import settings
@@ -187,15 +186,7 @@ class Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in settings.ENV_NAMES}
         env["DB_PATH"] = str(tmp_path / "jobs.db")
-        self.process = subprocess.Popen(
-            ["make", "-s", "run", f"PORT={self.port}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self.process = start_server(["make", "-s", "run", f"PORT={self.port}"], env)
         self.records: list[dict] = []
         self.not_json: list[str] = []
         for stream in (self.process.stdout, self.process.stderr):
@@ -214,14 +205,7 @@ class Server:
         return [r for r in self.records if r.get("message") == "request"]
 
     def stop(self) -> None:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        for pid in children.read_text().split():
-            os.kill(int(pid), signal.SIGINT)  # make execs scripts/serve.py
-        try:
-            self.process.wait(timeout=30)
-        finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
+        stop_server(self.process)
 
 
 class Shell:

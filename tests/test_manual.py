@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import require, start_server, stop_server, wait_until_listening
 
@@ -256,6 +257,18 @@ def runnable_pages() -> list[Path]:
     return [page for page in PAGES if any(r for _, _, r in blocks(page))]
 
 
+def assert_the_job_example_is_the_tour_s_job(shell: Shell, port: int) -> None:
+    """The README's job example is what the tour's job really became, but
+    for its id and its times."""
+    job_id = shell.run('echo "$JOB_ID"').strip()
+    job = httpx.get(f"http://127.0.0.1:{port}/extraction-jobs/{job_id}").json()
+    [(_, example)] = [(page, e) for page, e in job_examples() if page == README.name]
+    differ = {"id"} | {name for name in example if name.endswith("_at")}
+    differ.discard("lease_expires_at")  # null once finished, as shown
+    for name in set(example) - differ:
+        assert job[name] == example[name], name
+
+
 @pytest.mark.parametrize("page", runnable_pages(), ids=lambda page: page.name)
 def test_the_runnable_examples_answer_as_the_text_says(page, tmp_path):
     require(bool(shutil.which("curl") and shutil.which("jq")), "curl and jq")
@@ -284,6 +297,8 @@ def test_the_runnable_examples_answer_as_the_text_says(page, tmp_path):
         seen = len(server.requests())
         time.sleep(0.5)
         assert len(server.requests()) == seen, "a request no block announced"
+        if page == README:
+            assert_the_job_example_is_the_tour_s_job(shell, server.port)
     finally:
         shell.close()
         server.stop()

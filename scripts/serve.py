@@ -35,7 +35,7 @@ def not_served() -> list[str]:
 def announce(config: settings.Settings) -> None:
     """The banner, as log lines: the database really in use, and auth."""
     log = observability.logger
-    log.info(f"local development: {config.describe_database()}")
+    log.info(f"Local development: {config.describe_database()}")
     if config.auth_disabled:
         log.warning(
             "AUTH IS DISABLED (AUTH_DISABLED=1). Never run like this in production."

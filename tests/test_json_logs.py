@@ -128,7 +128,7 @@ def test_start_and_stop_are_json_lines(entry, tmp_path):
         assert any(message.startswith(line) for message in said), said
     assert any(message.startswith("Finished server process") for message in said)
     if entry == "make run":
-        assert said[0] == f"local development: SQLite at {tmp_path / 'jobs.db'}"
+        assert said[0] == f"Local development: SQLite at {tmp_path / 'jobs.db'}"
         assert said[1].startswith("AUTH IS DISABLED")
         assert any(m.endswith("using WatchFiles") for m in said), said
         assert any(m.startswith("Stopping reloader process") for m in said), said

@@ -216,10 +216,10 @@ def test_run_banner_names_the_database_in_use_without_its_password(tmp_path):
     first, second = banner(
         tmp_path, DATABASE_URL="postgresql://app:s3cret-pw@127.0.0.1:5432/jobs"
     )
-    assert first == "INFO local development: PostgreSQL at app@127.0.0.1:5432/jobs"
+    assert first == "INFO Local development: PostgreSQL at app@127.0.0.1:5432/jobs"
     assert second.startswith("WARNING AUTH IS DISABLED")
     assert banner(tmp_path)[0] == (
-        f"INFO local development: SQLite at {tmp_path / 'jobs.db'}"
+        f"INFO Local development: SQLite at {tmp_path / 'jobs.db'}"
     )
 
 

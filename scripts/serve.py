@@ -7,7 +7,8 @@ whether auth is on. uvicorn gets the service's log configuration
 (observability.UVICORN_LOG_CONFIG), so its reloader process, which never
 imports the app, writes JSON lines too. The reloader is watchfiles (inotify,
 no polling); it restarts the server when a .py file the server runs changes:
-the top-level modules and migrations/, not .venv, tests/ or scripts/.
+the top-level modules and migrations/, not .venv, tests/, scripts/ or any
+other folder there when it starts.
 """
 
 import argparse

@@ -65,7 +65,7 @@ if [[ "$command" =~ ^(plan|apply|destroy)$ ]]; then
             "terraform/terraform.tfvars and fill in auth0_domain and auth0_audience" >&2
         exit 2
     fi
-    if [[ "$command" != destroy && ! -f ../lambda.zip ]] &&
+    if [[ "$command" != destroy && ! -f "${TF_VAR_lambda_zip_path:-../lambda.zip}" ]] &&
         ! grep -qs '^[[:space:]]*lambda_zip_path' terraform.tfvars; then
         echo "lambda.zip not found: run make build first (make deploy builds it itself)" >&2
         exit 2

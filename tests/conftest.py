@@ -7,6 +7,7 @@ talk to a deployed API over the network instead.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,16 @@ def stop_server(process: subprocess.Popen) -> None:
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+# make's own closing line on a failed recipe: "make: *** [...] Error 1"
+# ("make[1]: ..." when make runs under make, as in `make test`).
+MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\* ")
+
+
+def without_make_errors(stderr: str) -> list[str]:
+    """The lines of `stderr` but make's own closing line."""
+    return [line for line in stderr.splitlines() if not MAKE_ERROR.match(line)]
 
 
 def wait_until_listening(process: subprocess.Popen, port: int) -> None:

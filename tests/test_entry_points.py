@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require, scratch_postgres_database
+from conftest import require, scratch_postgres_database, without_make_errors
 from sqlalchemy.engine import make_url
 from terraform_helpers import require_terraform
 from test_tf_mirror import environment as terraform_environment
@@ -43,11 +43,6 @@ def make(target: str, env: dict[str, str], cwd: Path = ROOT):
         timeout=600,
         check=False,
     )
-
-
-def ours(stderr: str) -> list[str]:
-    """stderr without make's own closing line ("make: *** [...] Error 1")."""
-    return [line for line in stderr.splitlines() if not line.startswith("make: ***")]
 
 
 # --- make migrate -------------------------------------------------------------
@@ -98,7 +93,7 @@ def test_make_migrate_with_the_database_unreachable_is_one_line(tmp_path):
     result = make("migrate", clean_env(tmp_path, DATABASE_URL=url))
     assert result.returncode != 0
     assert result.stdout == ""
-    [line] = ours(result.stderr)
+    [line] = without_make_errors(result.stderr)
     assert line.startswith(
         "make migrate: cannot reach PostgreSQL at app@127.0.0.1:9/jobs"
     )
@@ -161,7 +156,7 @@ def test_make_plan_without_tfvars_says_what_to_do_in_one_line(planning_copy):
         "terraform/terraform.tfvars not found: cp terraform/terraform.tfvars.example "
         "terraform/terraform.tfvars and fill in auth0_domain and auth0_audience"
     )
-    assert ours(result.stderr) == [wanted], result.stderr
+    assert without_make_errors(result.stderr) == [wanted], result.stderr
     assert "Enter a value" not in result.stdout  # no Terraform prompt
 
 
@@ -171,7 +166,7 @@ def test_make_plan_without_lambda_zip_says_what_to_do_in_one_line(planning_copy)
     (planning_copy / "lambda.zip").unlink()
     result = make("plan", no_aws_credentials(planning_copy), cwd=planning_copy)
     assert result.returncode != 0
-    assert ours(result.stderr) == [
+    assert without_make_errors(result.stderr) == [
         "lambda.zip not found: run make build first (make deploy builds it itself)"
     ], result.stderr
 
@@ -181,7 +176,7 @@ def test_make_plan_without_aws_credentials_ends_on_a_line_of_ours(planning_copy)
     shutil.copy(module / "terraform.tfvars.example", module / "terraform.tfvars")
     result = make("plan", no_aws_credentials(planning_copy), cwd=planning_copy)
     assert result.returncode != 0
-    lines = ours(result.stderr)
+    lines = without_make_errors(result.stderr)
     assert "No valid credential sources found" in result.stderr  # the provider's
     assert lines[-1].startswith("no AWS credentials found: set AWS_PROFILE"), lines
     assert sum("AWS_PROFILE" in line for line in lines) == 1

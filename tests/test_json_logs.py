@@ -23,6 +23,7 @@ from conftest import (
     start_server,
     stop_server,
     wait_until_listening,
+    without_make_errors,
 )
 
 import settings
@@ -206,8 +207,7 @@ def test_configuration_error_is_json_lines(entry, tmp_path):
     )
     assert result.returncode != 0
     # make adds its own line after the service's: "make: *** [...] Error 1".
-    lines = result.stderr.splitlines()
-    service = "\n".join(line for line in lines if not line.startswith("make: *** "))
+    service = "\n".join(without_make_errors(result.stderr))
     records = json_records(service)
     # make run sets AUTH_DISABLED=1, so the two AUTH0_ lines are not due there.
     expected = 1 if entry == "make run" else 3

@@ -250,7 +250,8 @@ def test_make_sweep_logs_no_oldest_pending_age_when_none_waits(tmp_path, monkeyp
     stats = TestClient(create_app()).get("/extraction-jobs/stats").json()
     _, gauges = sweep(tmp_path)
     assert stats["oldest_pending_age_seconds"] is None
-    assert gauges["oldest_pending_age_seconds"] is None
+    # Powertools' formatter leaves a null field out of the line.
+    assert gauges.get("oldest_pending_age_seconds") is None
 
 
 @pytest.mark.xfail(strict=True, reason="repository.py writes 'after 1 attempts'")

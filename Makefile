@@ -32,10 +32,11 @@ $(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-# The banner names the database settings.py resolves (password hidden).
+# uvicorn through scripts/serve.py: JSON lines only (the first two name the
+# database in use, password hidden, and say that auth is off), and a reload on
+# a change of the project's own .py files (watchfiles: no polling).
 run: install-run
-	@AUTH_DISABLED=1 $(BIN)/python settings.py banner
-	AUTH_DISABLED=1 $(BIN)/uvicorn main:app --reload --host 127.0.0.1 --port $(PORT)
+	@AUTH_DISABLED=1 exec $(BIN)/python scripts/serve.py --host 127.0.0.1 --port $(PORT)
 
 # /docs and /redoc in headless Chromium with no network but loopback
 # (needs Debian's chromium: apt-get install chromium). Not part of `make test`.
@@ -62,9 +63,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# alembic upgrade head against DATABASE_URL (or the default SQLite file).
+# alembic upgrade head against DATABASE_URL (or the default SQLite file),
+# saying which database and from which revision to which.
 migrate: install-run
-	$(BIN)/alembic upgrade head
+	@$(BIN)/python scripts/migrate.py
 
 # One sweep now (expired leases, retention) against DATABASE_URL or the SQLite file.
 sweep: install-run
@@ -83,8 +85,10 @@ ca-bundle:
 	curl -fsSL --proto =https "$(PROXY_CA_URL)" >> rds-ca-bundle.pem.partial
 	mv rds-ca-bundle.pem.partial rds-ca-bundle.pem
 
-plan: install
-	scripts/terraform.sh plan
+# Planning needs terraform, the provider (scripts/tf_mirror.sh) and lambda.zip:
+# no Python packages.
+plan:
+	@scripts/terraform.sh plan
 
 deploy: build
 	scripts/terraform.sh apply

@@ -14,6 +14,11 @@ behind `Metrics`), in Lambda and under uvicorn alike:
 Metrics are printed to stdout in Embedded Metric Format, which CloudWatch Logs
 turns into metrics: no API call, no network. Logs go to stderr, so stdout
 carries nothing but metrics.
+
+Every other line is JSON too: importing this module gives the root logger the
+service logger's formatter on stderr, so the module loggers (database, auth),
+the libraries' and Python's warnings write the same JSON lines; uvicorn's own
+loggers get the same (`adopt_uvicorn_logs`, `UVICORN_LOG_CONFIG`).
 """
 
 import json
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.logging.filters import SuppressFilter
 from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
     AmazonCloudWatchEMFProvider,
 )
@@ -73,6 +79,36 @@ logger = Logger(
     use_rfc3339=True,
 )
 logger.remove_keys(["location", "sampling_rate"])
+
+
+def _drop_color_message(record: logging.LogRecord) -> bool:
+    record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy
+    return True
+
+
+def json_handler() -> logging.Handler:
+    """A stderr handler writing the service logger's JSON lines."""
+    handler = _StderrHandler()
+    handler.setFormatter(logger.registered_formatter)
+    handler.addFilter(_drop_color_message)
+    return handler
+
+
+def _every_logger_in_json() -> None:
+    """The module loggers (`logging.getLogger(__name__)` in database.py,
+    auth.py) and the libraries' have no handler of their own: their records
+    reach the root logger, where Python's last resort (or, in Lambda, the
+    runtime's handler) would print them as plain text. The root logger gets
+    the JSON handler instead, replacing those; its level stays as it was
+    (WARNING unless set). The service logger's own records propagate to the
+    root too, so the root's handler drops them: each is written once."""
+    handler = json_handler()
+    handler.addFilter(SuppressFilter(SERVICE))
+    logging.root.handlers = [handler]
+    logging.captureWarnings(True)  # warnings.warn() lines through the same
+
+
+_every_logger_in_json()
 
 
 def _write_request_line(fields: dict) -> None:
@@ -317,21 +353,32 @@ def publish_job_gauges(gauges: JobGauges) -> None:
 # --- uvicorn's own lines -------------------------------------------------------
 
 
-def _drop_color_message(record: logging.LogRecord) -> bool:
-    record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy
-    return True
+# uvicorn's loggers: its own lines (started, reloading, shutting down, its
+# errors) in the service's JSON on stderr, and no plain-text access line: the
+# request line above says all it does, so stderr is one JSON line per request.
+# A launcher hands it to uvicorn (`uvicorn.run(..., log_config=...)`,
+# scripts/serve.py), so the reloader process's lines are JSON from the first.
+UVICORN_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {
+        "json": {"()": json_handler},
+        "drop": {"class": "logging.NullHandler"},
+    },
+    "loggers": {
+        "uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": ["drop"], "propagate": False},
+    },
+}
 
 
 def adopt_uvicorn_logs() -> None:
-    """Under uvicorn, its own lines (started, shutting down, its errors) in the
-    same JSON format on stderr, and no plain-text access line: the request
-    line above says all it does, so stderr is one JSON line per request."""
-    if "uvicorn" not in sys.modules:
-        return
-    handler = _StderrHandler()
-    handler.setFormatter(logger.registered_formatter)
-    handler.addFilter(_drop_color_message)
-    uvicorn_logger = logging.getLogger("uvicorn")
-    uvicorn_logger.handlers = [handler]
-    uvicorn_logger.propagate = False
-    logging.getLogger("uvicorn.access").disabled = True
+    """Under `uvicorn main:app`, uvicorn has set up its default text logging
+    before it imports the app, and writes its first line after: the config
+    above replaces it then. (With `--reload` or `--workers`, the supervising
+    process never imports the app: scripts/serve.py, behind `make run`,
+    hands it the config instead.)"""
+    if "uvicorn" in sys.modules:
+        import logging.config  # not at import: never needed in Lambda
+
+        logging.config.dictConfig(UVICORN_LOG_CONFIG)

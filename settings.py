@@ -9,8 +9,8 @@ Adding a variable is one line in `Settings`:
 
     log_level: LogLevel = env("LOG_LEVEL", "INFO", "Python log level", example="DEBUG")
 
-The README's configuration table is this module's output
-(`python settings.py table`); tests/test_settings.py keeps the two equal.
+docs/configuration.md's table is this module's output
+(`python settings.py table`); tests/test_manual.py keeps the two equal.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def env(
 ) -> Any:
     """One environment variable: its name, default, meaning and an example value.
 
-    `shown_default` is the README's wording when the default is not a plain value;
+    `shown_default` is the table's wording when the default is not a plain value;
     `secret` keeps the value out of error messages (it may hold a password).
     """
     return Field(
@@ -561,14 +561,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def exit_on_config_error(error: ConfigError) -> None:
-    """Stop the start: one line per problem on stderr, no traceback."""
+    """Stop the start: one JSON log line per problem on stderr, no traceback."""
+    from observability import logger  # not at import: only pydantic there
+
     for problem in error.problems:
-        print(f"configuration error: {problem}", file=sys.stderr)
+        logger.critical("configuration error: %s", problem)
     raise SystemExit(1)
 
 
 def markdown_table() -> str:
-    """The README's configuration table."""
+    """docs/configuration.md's table of the variables."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for field in Settings.model_fields.values():
         extra = field.json_schema_extra
@@ -578,29 +580,9 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _banner() -> None:
-    """`make run`'s banner: the database really in use, auth state."""
-    try:
-        settings = load_settings()
-    except ConfigError as error:
-        exit_on_config_error(error)
-        return
-    auth = (
-        "AUTH IS DISABLED (AUTH_DISABLED=1). Never run like this in production."
-        if settings.auth_disabled
-        else f"auth on: Auth0 tenant {settings.auth0_domain}"
-    )
-    line = "=" * 64
-    print(
-        f"{line}\n Local development: {settings.describe_database()}\n {auth}\n{line}"
-    )
-
-
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "table":
         print(markdown_table(), end="")
-    elif command == "banner":
-        _banner()
     else:
-        sys.exit("usage: python settings.py table|banner")
+        sys.exit("usage: python settings.py table")

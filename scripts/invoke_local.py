@@ -1,16 +1,22 @@
 """Invoke lambda_handler.handler locally with an API Gateway HTTP API 2.0 event.
 
-Examples (SQLite at DB_PATH, auth off for a local try):
-    AUTH_DISABLED=1 .venv/bin/python scripts/invoke_local.py GET /health
-    AUTH_DISABLED=1 .venv/bin/python scripts/invoke_local.py POST /extraction-jobs \\
-        --body '{"document_id": "invoice-42.pdf", "priority": 5}'
-    AUTH_DISABLED=1 .venv/bin/python scripts/invoke_local.py GET /extraction-jobs \\
-        --query 'status=pending&limit=10'
+Prints the response: the status line, the headers and the JSON body decoded
+and indented; with --json, one JSON object {"statusCode", "headers", "body"}
+(the body decoded) to chain into jq. Only the response goes to stdout: the
+service's log lines (and EMF metrics, if on) go to stderr.
+
+Examples (auth off and a fresh SQLite file, for a local try):
+    export AUTH_DISABLED=1 DB_PATH="$(mktemp -d)/lambda-try.db"
+    .venv/bin/python scripts/invoke_local.py GET /health
+    JOB_ID=$(.venv/bin/python scripts/invoke_local.py POST /extraction-jobs \\
+        --body '{"document_id": "invoice-42.pdf", "priority": 5}' --json | jq -r .body.id)
+    .venv/bin/python scripts/invoke_local.py GET /extraction-jobs --query 'status=pending&limit=10'
 With auth on, pass the token: --header "Authorization=Bearer $TOKEN".
-Prints the Lambda response (statusCode, headers, body) as JSON.
 """
 
 import argparse
+import base64
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -39,9 +45,35 @@ def parse_args() -> argparse.Namespace:
         "--stage", default="$default", help="named stage (set API_GATEWAY_BASE_PATH)"
     )
     parser.add_argument(
-        "--show-event", action="store_true", help="print the event first"
+        "--show-event", action="store_true", help="print the event to stderr first"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="the response as one JSON object"
     )
     return parser.parse_args()
+
+
+def decoded_body(response: dict):
+    """The body as the client gets it: JSON decoded, else text."""
+    body = response.get("body") or ""
+    if response.get("isBase64Encoded"):
+        body = base64.b64decode(body).decode("utf-8", "replace")
+    try:
+        return json.loads(body) if body else None
+    except json.JSONDecodeError:
+        return body
+
+
+def show(response: dict, as_json: bool) -> str:
+    headers = response.get("headers") or {}
+    body = decoded_body(response)
+    if as_json:
+        status = response["statusCode"]
+        return json.dumps({"statusCode": status, "headers": headers, "body": body})
+    lines = [f"HTTP {response['statusCode']}"]
+    lines += [f"{name}: {value}" for name, value in sorted(headers.items())]
+    lines += ["", body if isinstance(body, str) else json.dumps(body, indent=2)]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -57,10 +89,13 @@ def main() -> None:
         stage=args.stage,
     )
     if args.show_event:
-        print(json.dumps(event, indent=2))
-    from lambda_handler import handler  # imported as Lambda does, after the env
+        print(json.dumps(event, indent=2), file=sys.stderr)
+    # stdout is the response's alone: whatever the app prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        from lambda_handler import handler  # imported as Lambda does, after the env
 
-    print(json.dumps(handler(event, LambdaContext()), indent=2))
+        response = handler(event, LambdaContext())
+    print(show(response, args.json))
 
 
 if __name__ == "__main__":

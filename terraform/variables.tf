@@ -446,7 +446,7 @@ variable "alarm_topic_arn" {
 
 variable "enable_tracing" {
   type        = bool
-  description = "X-Ray active tracing of the function (and the IAM permission for it). Billed per trace recorded beyond the free tier; see the README."
+  description = "X-Ray active tracing of the function (and the IAM permission for it). Billed per trace recorded beyond the free tier; see docs/operations.md."
   default     = false
 }
 

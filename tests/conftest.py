@@ -7,12 +7,18 @@ talk to a deployed API over the network instead.
 """
 
 import os
+import re
+import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +37,9 @@ for leaked in ("DATABASE_URL", "DB_PATH", "API_GATEWAY_BASE_PATH"):
 warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
 
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, text, update
+from sqlalchemy import create_engine, delete, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 import database
 from db_models import CREATE_CLOCK, EVENTS, JOBS, OUTBOX, metadata
@@ -84,6 +92,79 @@ def empty_postgres(url: str) -> None:
         # A test whose clock ran ahead must not leave the next one's jobs
         # created in its future.
         connection.execute(update(CREATE_CLOCK).values(created_at=EPOCH))
+
+
+@contextmanager
+def scratch_postgres_database(suffix: str) -> Iterator[str]:
+    """An empty PostgreSQL database of its own beside TEST_DATABASE_URL's
+    (named after it with `suffix`), dropped afterwards."""
+    base = make_url(postgres_url())
+    name = f"{base.database}_{suffix}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    drop = text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with admin.connect() as connection:
+        connection.execute(drop)
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(drop)
+        admin.dispose()
+
+
+def start_server(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`uvicorn main:app` or `make run` in the repository, in a process group
+    of its own, stdout and stderr piped (text)."""
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Ctrl-C for the server: SIGINT to uvicorn itself, or to `make run`'s one
+    child (its recipe execs scripts/serve.py), as a terminal would send it
+    minus make's own "Interrupt" line. Killed if it does not stop."""
+    pid = process.pid
+    if process.args[0] == "make":
+        pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    os.kill(pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+# make's own closing line on a failed recipe: "make: *** [...] Error 1"
+# ("make[1]: ..." when make runs under make, as in `make test`).
+MAKE_ERROR = re.compile(r"^make(\[\d+\])?: \*\*\* ")
+
+
+def without_make_errors(stderr: str) -> list[str]:
+    """The lines of `stderr` but make's own closing line."""
+    return [line for line in stderr.splitlines() if not MAKE_ERROR.match(line)]
+
+
+def wait_until_listening(process: subprocess.Popen, port: int) -> None:
+    """Until something accepts connections on 127.0.0.1:`port`, the process
+    still running. (uvicorn's reloader listens before its server is ready:
+    requests then wait for it.)"""
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the server stopped"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
 
 
 def backend_url(backend: str, tmp_path: Path) -> str:

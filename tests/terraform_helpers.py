@@ -46,7 +46,7 @@ COMMAND_TIMEOUT_S = 900
 NO_PROVIDERS = (
     "Terraform providers cannot be installed: no provider mirror found and the "
     "registry is unreachable; set TF_PROVIDER_MIRROR to a folder holding "
-    "registry.terraform.io/ (README: Prerequisites)"
+    "registry.terraform.io/ (docs/deploy.md: Prerequisites)"
 )
 _providers_unavailable = False  # learnt once per run: later tests skip at once
 
@@ -62,7 +62,7 @@ def require_terraform() -> str:
     """Path of the terraform binary; skip without it, but fail under CI=true."""
     path = shutil.which("terraform")
     if path is None:
-        _cannot_run("terraform is not installed (README, Deployment: prerequisites)")
+        _cannot_run("terraform is not installed (docs/deploy.md: Prerequisites)")
     if _providers_unavailable:
         _cannot_run(NO_PROVIDERS)
     return path

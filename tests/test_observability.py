@@ -571,6 +571,6 @@ def test_a_bad_log_level_stops_the_lambda_import() -> None:
     )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()  # no traceback
-    assert line.startswith(
+    assert json.loads(line)["message"].startswith(
         "configuration error: LOG_LEVEL (got 'LOUD'): must be one of"
     )

@@ -1,7 +1,9 @@
-"""settings.py: every variable checked at start, one line per problem, no
-traceback, in the real entry points (uvicorn, the Lambda import); the
-README's configuration table is its output; `make run`'s banner and install."""
+"""settings.py: every variable checked at start, one JSON log line per
+problem, no traceback, in the real entry points (uvicorn, the Lambda import,
+`make run`); `make run`'s banner and install. (docs/configuration.md's table
+is checked in tests/test_manual.py.)"""
 
+import json
 import os
 import re
 import socket
@@ -14,7 +16,6 @@ import pytest
 import settings
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 
 
 def clean_env(tmp_path: Path, **values: str) -> dict[str, str]:
@@ -120,9 +121,17 @@ EXPECTED_LINES = [
 ]
 
 
+def problem_lines(stderr: str) -> list[str]:
+    """The messages of the JSON log lines on stderr (every line must be one)."""
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert all(record["level"] == "CRITICAL" for record in records), stderr
+    return [record["message"] for record in records]
+
+
 def assert_one_line_per_problem(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.splitlines()
+    assert result.stdout == ""
+    lines = problem_lines(result.stderr)
     assert len(lines) == len(EXPECTED_LINES), result.stderr
     for line, start in zip(lines, EXPECTED_LINES, strict=True):
         assert line.startswith(start), result.stderr
@@ -162,7 +171,7 @@ def refused_variables(result: subprocess.CompletedProcess) -> list[str]:
     each cut before the value it got."""
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    return [line.split(" (got")[0] for line in result.stderr.splitlines()]
+    return [line.split(" (got")[0] for line in problem_lines(result.stderr)]
 
 
 def test_uvicorn_refuses_to_start_with_one_line_per_problem(tmp_path):
@@ -173,40 +182,51 @@ def test_lambda_import_refuses_to_start_with_one_line_per_problem(tmp_path):
     assert_one_line_per_problem(import_lambda_handler(tmp_path, DB_POOL_SIZE="ten"))
 
 
-def readme_section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end]
-
-
-def test_readme_configuration_table_is_the_settings_table():
-    """Regenerate it with `.venv/bin/python settings.py table`."""
-    section = readme_section("Configuration")
-    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
-    assert table + "\n" == settings.markdown_table()
-
-
-def banner(tmp_path: Path, **values: str) -> str:
+def test_make_run_refuses_to_start_with_one_line_per_problem(tmp_path):
+    """scripts/serve.py (make run) checks the settings before uvicorn starts."""
     result = subprocess.run(
-        [sys.executable, "settings.py", "banner"],
-        check=True,
+        [sys.executable, "scripts/serve.py", "--port", str(free_port())],
+        check=False,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=clean_env(tmp_path, AUTH_DISABLED="1", **values),
+        env=clean_env(tmp_path, DB_POOL_SIZE="ten"),
+        timeout=60,
     )
-    return result.stdout
+    assert_one_line_per_problem(result)
+
+
+def banner(tmp_path: Path, **values: str) -> list[str]:
+    """The first two lines `make run` writes (scripts/serve.py, stopped
+    before it serves by a port that is taken)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "scripts/serve.py", "--no-reload", "--port", str(port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=clean_env(tmp_path, AUTH_DISABLED="1", **values),
+            timeout=60,
+        )
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any("address already in use" in r["message"] for r in records), records
+    assert "s3cret-pw" not in result.stderr
+    return [f"{r['level']} {r['message']}" for r in records[:2]]
 
 
 def test_run_banner_names_the_database_in_use_without_its_password(tmp_path):
-    text = banner(
+    first, second = banner(
         tmp_path, DATABASE_URL="postgresql://app:s3cret-pw@127.0.0.1:5432/jobs"
     )
-    assert "PostgreSQL at app@127.0.0.1:5432/jobs" in text
-    assert "s3cret-pw" not in text
-    assert "AUTH IS DISABLED" in text
-    assert f"SQLite at {tmp_path / 'jobs.db'}" in banner(tmp_path)
+    assert first == "INFO Local development: PostgreSQL at app@127.0.0.1:5432/jobs"
+    assert second.startswith("WARNING AUTH IS DISABLED")
+    assert banner(tmp_path)[0] == (
+        f"INFO Local development: SQLite at {tmp_path / 'jobs.db'}"
+    )
 
 
 def test_make_run_installs_only_what_serving_needs(tmp_path):
@@ -251,7 +271,7 @@ def test_make_test_ends_saying_how_many_postgresql_tests_skipped(tmp_path):
 
 def test_no_module_but_settings_reads_the_environment():
     """Every variable the service reads is a `Settings` field (and so a row
-    of the README's table): no other module of the service reads os.environ."""
+    of docs/configuration.md's table): no other module of the service reads os.environ."""
     readers = re.compile(r"\bos\.environ\b|\bgetenv\(|\benviron\.get\(")
     modules = [*ROOT.glob("*.py"), *(ROOT / "migrations").glob("*.py")]
     offenders = [

@@ -45,6 +45,13 @@ def run_script(tmp_path: Path, backend_config: str | None) -> list[str]:
         if key not in ("BACKEND_CONFIG", "TF_PROVIDER_MIRROR", "TF_CLI_CONFIG_FILE")
     }
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    # What plan needs besides init (scripts/terraform.sh checks): variables, a package.
+    (tmp_path / "lambda.zip").write_bytes(b"")
+    env.update(
+        TF_VAR_auth0_domain="tenant.example.com",
+        TF_VAR_auth0_audience="https://api",
+        TF_VAR_lambda_zip_path=str(tmp_path / "lambda.zip"),
+    )
     if backend_config is not None:
         env["BACKEND_CONFIG"] = backend_config
     subprocess.run(["bash", str(SCRIPT), "plan"], cwd=tmp_path, env=env, check=True)
@@ -56,9 +63,9 @@ def test_backend_config_reaches_terraform_init(tmp_path: Path) -> None:
     calls = run_script(tmp_path, "backend.hcl")  # relative to the caller
     assert calls == [
         f"init -input=false -backend-config={tmp_path / 'backend.hcl'}",
-        "plan",
+        "plan -input=false",
     ]
 
 
 def test_without_backend_config_init_is_unchanged(tmp_path: Path) -> None:
-    assert run_script(tmp_path, None) == ["init -input=false", "plan"]
+    assert run_script(tmp_path, None) == ["init -input=false", "plan -input=false"]

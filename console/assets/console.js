@@ -12,8 +12,8 @@ const PKCE_KEY = "console.pkce";
 const REFRESH_MS = 5000;
 const PAGE_SIZE = 50;
 const MAX_PAGE = 1000; // the list's and the events' largest `limit`
-const EVENTS_PAGE = 200;
-const EVENT_PAGES_PER_LOAD = 5;
+const EVENTS_PAGE = 100;
+const EVENT_PAGES_PER_LOAD = 10; // 1000 events, then a "More events" button
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const NUMBER = new Intl.NumberFormat("en-US");
 
@@ -624,7 +624,7 @@ function confirmAction(job, action) {
       ? "It is pending: it becomes cancelled at once."
       : "It is processing: its worker is asked to stop at its next heartbeat; if its lease runs out first, it is cancelled then."
     : `It goes back to pending with a fresh allowance of ${job.max_attempts} attempt(s).`;
-  box.content.append(el("p", {}, explanation), cancelling ? reasonField("action-reason") : null);
+  append(box.content, [el("p", {}, explanation), cancelling ? reasonField("action-reason") : null]);
   const run = async () => {
     box.busy = true;
     confirm.disabled = true;
@@ -870,7 +870,12 @@ async function start() {
     if (saved && !state.token && !useToken(saved)) sessionStorage.removeItem(TOKEN_KEY);
   }
   renderSession();
-  window.addEventListener("hashchange", () => { clearNotice(); route(); });
+  window.addEventListener("hashchange", () => {
+    clearNotice();
+    route();
+    // Keyboard and screen-reader users start again at the new view.
+    $("main").focus({ preventScroll: true });
+  });
   setInterval(tick, REFRESH_MS);
   route();
 }

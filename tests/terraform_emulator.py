@@ -285,6 +285,8 @@ def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) ->
         "GET /openapi.json": public,
         "GET /redoc": public,
         "GET /docs-assets/{proxy+}": public,
+        "GET /console": public,
+        "GET /console/{proxy+}": public,
     }
 
 

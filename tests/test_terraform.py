@@ -57,6 +57,8 @@ PUBLIC_ROUTES = {
     "GET /openapi.json",
     "GET /redoc",
     "GET /docs-assets/{proxy+}",
+    "GET /console",
+    "GET /console/{proxy+}",
 }
 
 

@@ -8,7 +8,6 @@ with a fresh profile, and a resolver that knows no host but loopback.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -37,8 +36,8 @@ CHROMIUM_ARGS = [
 
 def chromium_missing() -> str | None:
     """Why the browser tests cannot run here, or None."""
-    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-        return "chromium is not installed: apt-get install -y chromium"
+    if not Path(CHROMIUM).exists():
+        return f"{CHROMIUM} is missing: apt-get install -y chromium"
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

@@ -506,7 +506,7 @@ def test_bulk_retry_on_a_status_tab_and_nothing_to_do(sqlite_app, watched):
     wait_for_rows(watched, 3)
     cancel_all = watched.page.get_by_role("button", name="Cancel all matching")
     assert cancel_all.is_disabled()
-    assert watched.page.get_by_text("failed jobs cannot be cancelled.").is_visible()
+    assert watched.page.get_by_text("Failed jobs cannot be cancelled.").is_visible()
     watched.page.get_by_role("button", name="Retry all matching").click()
     watched.page.get_by_text("3 matching job(s) would be retried.").wait_for()
     watched.page.get_by_role("button", name="Retry 3 job(s)").click()

@@ -22,7 +22,6 @@ const state = {
   token: null,
   claims: null,
   paused: false,
-  busy: false,
   view: null, // {kind: "jobs" | "job" | "signin", ...}
 };
 
@@ -57,6 +56,7 @@ function fill(node, ...children) {
 
 const $ = (id) => document.getElementById(id);
 const count = (n) => NUMBER.format(n);
+const capitalized = (text) => text.charAt(0).toUpperCase() + text.slice(1);
 
 function notice(message, kind = "error") {
   const box = $("notice");
@@ -381,23 +381,30 @@ function jobsHash(filter) {
 
 function tick() {
   refreshAges();
-  if (state.paused || state.busy || document.hidden || document.querySelector("dialog[open]")) return;
+  if (state.paused || document.hidden || document.querySelector("dialog[open]")) return;
   refreshView();
 }
 
+/** Load the view's data again. One load at a time per view; asked again
+ *  meanwhile (after an action), it loads once more when that one ends. */
 async function refreshView() {
   const view = state.view;
-  if (!view || state.busy) return;
-  state.busy = true;
+  if (!view || !["jobs", "job"].includes(view.kind)) return;
+  if (view.loading) {
+    view.again = true;
+    return;
+  }
+  view.loading = true;
   try {
-    if (view.kind === "jobs") await refreshJobs(view);
-    else if (view.kind === "job") await refreshJob(view);
-    else return;
+    do {
+      view.again = false;
+      await (view.kind === "jobs" ? refreshJobs(view) : refreshJob(view));
+    } while (view.again && view === state.view);
     if (view === state.view) $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
   } catch (error) {
     if (view === state.view) failed(error);
   } finally {
-    state.busy = false;
+    view.loading = false;
   }
 }
 
@@ -446,11 +453,13 @@ function showJobs(query) {
     { class: "search", role: "search", onsubmit: (event) => {
       event.preventDefault();
       const data = new FormData(event.target);
-      location.hash = jobsHash({
+      const target = jobsHash({
         status: filter.status,
         document_id: data.get("document_id").trim(),
         worker_id: data.get("worker_id").trim(),
       });
+      if (location.hash === target) refreshView();
+      else location.hash = target;
     } },
     el("div", { class: "field" },
       el("label", { for: "document-id" }, "Document id (exact)"),
@@ -542,10 +551,10 @@ function renderTabs(view) {
     )),
   );
   const facts = [];
-  if (approximate.size) facts.push("≈ marks a count the database estimates");
   const age = view.stats.oldest_pending_age_seconds;
-  facts.push(age === null ? "no pending job is due" : `the oldest due pending job has waited ${duration(age)}`);
+  facts.push(age === null ? "No pending job is due" : `The oldest due pending job has waited ${duration(age)}`);
   if (view.stats.expired_leases) facts.push(`${count(view.stats.expired_leases)} expired lease(s) not yet swept`);
+  if (approximate.size) facts.push("≈ marks a count the database estimates (over 10,000 jobs)");
   $("queue").textContent = facts.join(" · ");
 }
 
@@ -665,7 +674,7 @@ function renderBulk(view) {
   const blocker = adminBlocker();
   const buttons = ["cancel", "retry"].map((action) => {
     const applies = !filter.status || state.config.actions[action].includes(filter.status);
-    const why = blocker || (applies ? null : `${filter.status} jobs cannot be ${action === "cancel" ? "cancelled" : "retried"}.`);
+    const why = blocker || (applies ? null : `${capitalized(filter.status)} jobs cannot be ${action === "cancel" ? "cancelled" : "retried"}.`);
     return actionButton(`${action === "cancel" ? "Cancel" : "Retry"} all matching`, () => bulk(view, action), { blocker: why, kind: "danger" });
   });
   fill(box, ...buttons);
@@ -741,7 +750,7 @@ function describeFilter(filter) {
 
 function showJob(id) {
   const view = { kind: "job", id, job: null, events: [], after: 0, more: false };
-  state.view = view;
+  state.view = UUID.test(id) ? view : { kind: "missing" };
   if (!UUID.test(id)) {
     fill($("main"), el("h1", {}, "No such job"), el("p", {}, "That is not a job id: ", el("code", {}, id)), el("a", { href: "#/" }, "All jobs"));
     return;

@@ -11,7 +11,7 @@ const TOKEN_KEY = "console.token";
 const PKCE_KEY = "console.pkce";
 const REFRESH_MS = 5000;
 const PAGE_SIZE = 50;
-const MAX_PAGE = 1000; // the list's and the events' largest `limit`
+const MAX_PAGE = 1000; // the list's largest `limit`
 const EVENTS_PAGE = 100;
 const EVENT_PAGES_PER_LOAD = 10; // 1000 events, then a "More events" button
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -22,7 +22,7 @@ const state = {
   token: null,
   claims: null,
   paused: false,
-  view: null, // {kind: "jobs" | "job" | "signin", ...}
+  view: null, // {kind: "jobs" | "job" | "signin" | "missing", ...}
 };
 
 // --- DOM helpers -------------------------------------------------------------
@@ -328,7 +328,11 @@ function showSignIn() {
       event.preventDefault();
       const token = input.value.trim();
       input.value = "";
-      if (token && useToken(token)) {
+      if (!/^[\x21-\x7e]+$/.test(token)) {
+        notice("That is not an access token: a token is one word of printable ASCII characters.");
+        return;
+      }
+      if (useToken(token)) {
         clearNotice();
         renderSession();
         route();
@@ -385,27 +389,31 @@ function tick() {
   refreshView();
 }
 
-/** Load the view's data again. One load at a time per view; asked again
- *  meanwhile (after an action), it loads once more when that one ends. */
-async function refreshView() {
+/** Run `task` once the view's earlier loads are done: one load at a time,
+ *  so a refresh and "More" never interleave their rows. */
+function inTurn(view, task) {
+  const run = (view.chain || Promise.resolve()).then(task);
+  view.chain = run.catch(() => {});
+  return run;
+}
+
+/** Load the view's data again, after any load in flight (so an action's
+ *  result is never hidden by an older answer); asks made while one is
+ *  waiting its turn are the same ask. */
+function refreshView() {
   const view = state.view;
-  if (!view || !["jobs", "job"].includes(view.kind)) return;
-  if (view.loading) {
-    view.again = true;
-    return;
-  }
-  view.loading = true;
-  try {
-    do {
-      view.again = false;
+  if (!view || !["jobs", "job"].includes(view.kind) || view.refreshWaiting) return;
+  view.refreshWaiting = true;
+  return inTurn(view, async () => {
+    view.refreshWaiting = false;
+    if (view !== state.view) return;
+    try {
       await (view.kind === "jobs" ? refreshJobs(view) : refreshJob(view));
-    } while (view.again && view === state.view);
-    if (view === state.view) $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
-  } catch (error) {
-    if (view === state.view) failed(error);
-  } finally {
-    view.loading = false;
-  }
+      if (view === state.view) $("refresh-state").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
+    } catch (error) {
+      if (view === state.view) failed(error);
+    }
+  });
 }
 
 function failed(error) {
@@ -512,20 +520,22 @@ async function refreshJobs(view) {
   renderRows(view);
 }
 
-async function loadMore(view) {
+function loadMore(view) {
   const button = $("more");
   button.disabled = true;
-  try {
-    const page = await api(listPath(view.filter, { limit: PAGE_SIZE, cursor: view.cursor }));
-    if (view !== state.view) return;
-    view.rows.push(...page.data);
-    view.cursor = page.next?.get("cursor") || null;
-    renderRows(view);
-  } catch (error) {
-    failed(error);
-  } finally {
-    button.disabled = false;
-  }
+  return inTurn(view, async () => {
+    try {
+      const page = await api(listPath(view.filter, { limit: PAGE_SIZE, cursor: view.cursor }));
+      if (view !== state.view) return;
+      view.rows.push(...page.data);
+      view.cursor = page.next?.get("cursor") || null;
+      renderRows(view);
+    } catch (error) {
+      failed(error);
+    } finally {
+      button.disabled = false;
+    }
+  });
 }
 
 function renderTabs(view) {
@@ -763,7 +773,7 @@ function showJob(id) {
     el("section", { "aria-labelledby": "history-title" },
       el("h2", { id: "history-title" }, "History"),
       el("ol", { id: "timeline", class: "timeline" }),
-      el("button", { type: "button", id: "more-events", hidden: true, onclick: () => loadEvents(view).then(() => renderTimeline(view)).catch(failed) }, "More events"),
+      el("button", { type: "button", id: "more-events", hidden: true, onclick: () => inTurn(view, () => loadEvents(view).then(() => renderTimeline(view)).catch(failed)) }, "More events"),
     ),
   );
   refreshView();

@@ -110,6 +110,7 @@ def install_console(app: FastAPI, settings: Settings) -> None:
     headers = {
         "Content-Security-Policy": content_security_policy(_tenant_origin(settings)),
         "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",  # frame-ancestors, for browsers before CSP 2
         "Referrer-Policy": "no-referrer",
         "Cross-Origin-Opener-Policy": "same-origin",
     }

@@ -84,6 +84,7 @@ def test_every_console_answer_has_the_strict_policy(auth_on):
         assert policy["require-trusted-types-for"] == ["'script'"]
         assert "unsafe-inline" not in response.headers["content-security-policy"]
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
         assert response.headers["referrer-policy"] == "no-referrer"
 
 

@@ -117,6 +117,7 @@ resource "aws_lambda_function" "api" {
         METRICS_NAMESPACE = var.metrics_namespace
       },
       var.job_retention_days == null ? {} : { RETENTION_DAYS = tostring(var.job_retention_days) },
+      var.auth0_console_client_id == null ? {} : { AUTH0_CONSOLE_CLIENT_ID = var.auth0_console_client_id },
     )
   }
 

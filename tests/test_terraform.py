@@ -711,6 +711,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "db_skip_final_snapshot": True,
         "alarm_email": "oncall@example.com",
         "pending_jobs_alarm_threshold": 500,
+        "auth0_console_client_id": "ConsoleSpaClientId123",
         # moto stores a function but cannot run it, so the migration cannot be
         # invoked here; everything else about it is deployed and checked.
         "run_migrations_on_apply": False,

@@ -15,7 +15,7 @@ LAMBDA_ARCH ?= x86_64
 export TF_VAR_lambda_runtime := python$(LAMBDA_PYTHON)
 export TF_VAR_lambda_architecture := $(LAMBDA_ARCH)
 
-.PHONY: install install-run run test test-deployed lint migrate sweep build ca-bundle plan deploy destroy clean docs-check
+.PHONY: install install-run run test test-deployed lint migrate sweep build ca-bundle plan deploy destroy clean docs-check console-screenshots
 
 # `make run` installs what serving needs (requirements-run.txt); `make test`
 # and the other targets add the test and lint tools (requirements-dev.txt).
@@ -43,8 +43,14 @@ run: install-run
 docs-check: install-run
 	$(BIN)/python scripts/docs_check.py
 
+# The console's browser tests (tests/test_console_browser.py) are part of it:
+# they need Debian's chromium (apt-get install -y chromium; .ci/run installs it).
 test: install
 	$(BIN)/pytest
+
+# docs/images/console-*.png, from a live app on a scratch SQLite file.
+console-screenshots: install
+	$(BIN)/python scripts/console_screenshots.py
 
 # Contract tests over the network against a deployed API (the token is read,
 # never typed on a command line; no-token cases accept the gateway's or the app's 401):

@@ -33,6 +33,7 @@ from auth import (
     RequireScope,
     authenticator_for,
 )
+from console import install_console
 from database import DatabaseUnavailable, SchemaOutOfDate
 from http_plumbing import (
     ETAG,
@@ -749,6 +750,7 @@ def create_app() -> FastAPI:
         },
     )
     install_docs(app)
+    install_console(app, settings)
     without_default_422(app)
     return app
 

@@ -327,6 +327,16 @@ class Settings(BaseModel):
         example="https://your-tenant.eu.auth0.com/.well-known/jwks.json",
         shown_default="`https://$AUTH0_DOMAIN/.well-known/jwks.json`",
     )
+    auth0_console_client_id: str | None = env(
+        "AUTH0_CONSOLE_CLIENT_ID",
+        None,
+        "Client ID of an Auth0 Single Page Application: turns on the console's "
+        '"Sign in with Auth0" (Authorization Code with PKCE, no client secret); '
+        "unset: the console takes a pasted access token only",
+        example="k3B2cS0nS0leCl1entIdExample0000",
+        shown_default="unset",
+        pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+    )
     auth_require_scopes: Flag = env(
         "AUTH_REQUIRE_SCOPES",
         True,

@@ -1,4 +1,4 @@
-"""Build lambda.zip: the app modules plus Linux wheels of requirements.txt.
+"""Build lambda.zip: the app's files plus Linux wheels of requirements.txt.
 
 Usage (normally through `make build` / scripts/build_lambda.sh):
     LAMBDA_PYTHON=3.11 LAMBDA_ARCH=x86_64 python scripts/build_lambda.py [--output PATH]
@@ -27,9 +27,11 @@ import lambda_elf
 REPO = Path(__file__).resolve().parent.parent
 # The service is every module at the top level (the layout is flat).
 APP_MODULES = tuple(sorted(path.name for path in REPO.glob("*.py")))
-# Alembic's environment and revisions: the migration function and SQLite's
-# self-upgrade run them from the package.
-APP_TREES = ("migrations",)
+# Folders of the app, each with the files of it the package takes:
+# Alembic's environment and revisions (the migration function and SQLite's
+# self-upgrade run them from the package), and the console's page, script
+# and style (console.py serves them).
+APP_TREES = {"migrations": "*.py", "console": "*"}
 # The CA bundle the functions check the database's (or RDS Proxy's)
 # certificate against, with Terraform's db_ssl_root_cert (DB_SSL_ROOT_CERT):
 # fetched before the build, never committed, packaged when present.
@@ -170,8 +172,10 @@ def docs_assets(root: Path) -> str:
 def copy_app_modules(root: Path) -> None:
     for name in APP_MODULES:
         shutil.copyfile(REPO / name, root / name)
-    for tree in APP_TREES:
-        for source in sorted((REPO / tree).rglob("*.py")):
+    for tree, pattern in APP_TREES.items():
+        for source in sorted((REPO / tree).rglob(pattern)):
+            if not source.is_file():
+                continue
             target = root / source.relative_to(REPO)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)

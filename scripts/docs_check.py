@@ -12,7 +12,6 @@ example and the ETag header; and ReDoc renders every operation's summary.
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,28 +20,15 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from browser import CHROMIUM_ARGS, free_port
+
 IN_NAMESPACE = "DOCS_CHECK_NETNS"
 GET_JOB = "extraction%20jobs/get_job_extraction_jobs__job_id__get"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Outside a namespace: no host but loopback resolves.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--virtual-time-budget=20000",
-    "--dump-dom",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Debian's Chromium as the console's browser tests run it (tests/browser.py),
+# loading one page and printing its DOM.
+CHROMIUM_FLAGS = [*CHROMIUM_ARGS, "--virtual-time-budget=20000", "--dump-dom"]
 
 
 def reexec_in_namespace() -> None:

@@ -35,13 +35,17 @@ resource "aws_apigatewayv2_integration" "lambda" {
 # token and its permissions itself: the gateway does not read `permissions`.
 locals {
   job_routes = toset(["ANY /extraction-jobs", "ANY /extraction-jobs/{proxy+}"])
-  # The docs pages load their JavaScript and CSS from the app (/docs-assets).
+  # The docs pages load their JavaScript and CSS from the app (/docs-assets);
+  # the console its page, assets and config.json (its API calls carry the
+  # user's token to the job routes).
   public_routes = toset([
     "GET /health",
     "GET /docs",
     "GET /openapi.json",
     "GET /redoc",
     "GET /docs-assets/{proxy+}",
+    "GET /console",
+    "GET /console/{proxy+}",
   ])
   auth0_issuer = "https://${var.auth0_domain}/"
 }

@@ -132,6 +132,7 @@ resource "aws_lambda_function" "api" {
       # Behind RDS Proxy: no session state, which would pin the proxy's connections.
       var.enable_rds_proxy ? { DB_POOLER = "1" } : {},
       local.database_tls_env,
+      var.auth0_console_client_id == null ? {} : { AUTH0_CONSOLE_CLIENT_ID = var.auth0_console_client_id },
     )
   }
 

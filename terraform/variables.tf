@@ -216,6 +216,17 @@ variable "auth0_audience" {
   }
 }
 
+variable "auth0_console_client_id" {
+  type        = string
+  description = "Client ID of an Auth0 Single Page Application for the console's \"Sign in with Auth0\" (AUTH0_CONSOLE_CLIENT_ID; Authorization Code with PKCE, no secret). null (the default): the console takes a pasted access token only."
+  default     = null
+
+  validation {
+    condition     = var.auth0_console_client_id == null || can(regex("^[A-Za-z0-9_.-]{1,128}$", var.auth0_console_client_id))
+    error_message = "auth0_console_client_id must be null or 1-128 letters, digits, '_', '.' or '-'."
+  }
+}
+
 variable "auth_disabled" {
   type        = bool
   description = "Turn authentication off (AUTH_DISABLED=1): anyone who knows the URL can read and change jobs. For short-lived test deployments only."

@@ -63,7 +63,14 @@ def assert_function_wired_to_private_network_and_database(
         "LOG_LEVEL",
         "METRICS_ENABLED",
         "METRICS_NAMESPACE",
+        *(
+            ["AUTH0_CONSOLE_CLIENT_ID"]
+            if "auth0_console_client_id" in variables
+            else []
+        ),
     }
+    if "auth0_console_client_id" in variables:
+        assert env["AUTH0_CONSOLE_CLIENT_ID"] == variables["auth0_console_client_id"]
     assert env["AUTH_DISABLED"] == "0"
     assert (env["LOG_LEVEL"], env["METRICS_ENABLED"], env["METRICS_NAMESPACE"]) == (
         "INFO",
@@ -315,6 +322,8 @@ def assert_gateway_authorizer(endpoint: str, deployed: dict, variables: dict) ->
         "GET /openapi.json": public,
         "GET /redoc": public,
         "GET /docs-assets/{proxy+}": public,
+        "GET /console": public,
+        "GET /console/{proxy+}": public,
     }
 
 

@@ -569,7 +569,18 @@ def test_job_routes_with_a_token_that_is_not_a_jwt_are_401(
     assert_unauthenticated(response, invalid_token=True)
 
 
-@pytest.mark.parametrize("path", ["/health", "/openapi.json", "/docs", "/redoc"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health",
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "/console",
+        "/console/config.json",
+        "/console/assets/console.js",
+    ],
+)
 def test_public_routes_need_no_token(anonymous, path):
     assert anonymous.get(path).status_code == 200
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 from conftest import backend_url, require
@@ -36,6 +38,11 @@ TARGET_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
 LAMBDA_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}.get(platform.machine())
 APP_MODULES = {path.name for path in ROOT.glob("*.py")} | {  # and Alembic's
     path.relative_to(ROOT).as_posix() for path in (ROOT / "migrations").rglob("*.py")
+}
+CONSOLE_FILES = {
+    path.relative_to(ROOT).as_posix()
+    for path in (ROOT / "console").rglob("*")
+    if path.is_file()
 }
 NEVER_PACKAGED = ("pytest", "_pytest", "uvicorn", "ruff", "boto3", "botocore", "moto")
 # Heavy modules a request on SQLite with auth disabled must not import
@@ -280,9 +287,9 @@ def test_zip_holds_the_app_modules_and_their_dependencies_only(
     shipped_by_wheels = recorded_paths(package.root)
 
     sources = {name for name in names if not name.endswith(".pyc")}
-    strays = sources - APP_MODULES - shipped_by_wheels - {build_lambda.CA_BUNDLE}
-    assert not strays, f"neither an app module nor a dependency file: {sorted(strays)}"
-    assert APP_MODULES <= sources
+    strays = sources - APP_MODULES - CONSOLE_FILES - shipped_by_wheels - {build_lambda.CA_BUNDLE}
+    assert not strays, f"neither an app file nor a dependency file: {sorted(strays)}"
+    assert APP_MODULES | CONSOLE_FILES <= sources
     top_level = {name.split("/")[0].split("-")[0] for name in names}
     assert not top_level & set(NEVER_PACKAGED)
     assert not [name for name in names if name.endswith((".db", ".tf", ".pyi"))]
@@ -407,3 +414,35 @@ def test_the_ca_bundle_is_packaged_when_it_was_fetched(tmp_path: Path) -> None:
     (source / bundle).write_text("<html>403 Forbidden</html>")  # a failed fetch
     with pytest.raises(SystemExit):
         build_lambda.copy_ca_bundle(source, root)
+
+
+def test_packaged_console_serves_under_a_named_stage(
+    package: Package, tmp_path: Path
+) -> None:
+    """The page's relative URLs resolve below the stage, and each is served
+    from the package with the console's policy."""
+    lambda_ = IsolatedLambda(
+        package,
+        isolated_env(
+            {"DB_PATH": str(tmp_path / "jobs.db"), "API_GATEWAY_BASE_PATH": "prod"}
+        ),
+    )
+    page = lambda_.invoke(http_api_event("GET", "/console", stage="prod"))
+    assert page["statusCode"] == 200
+    assert "frame-ancestors 'none'" in page["headers"]["content-security-policy"]
+    here = "https://api.example.com/prod/console"
+    urls = re.findall(r'(?:href|src)="(console/[^"]*)"', page["body"])
+    urls.append("console/config.json")
+    for url in urls:
+        path = urlsplit(urljoin(here, url)).path
+        assert path.startswith("/prod/console/"), path
+        answer = lambda_.invoke(
+            http_api_event("GET", path.removeprefix("/prod"), stage="prod")
+        )
+        assert answer["statusCode"] == 200, (path, answer)
+        assert "content-security-policy" in answer["headers"]
+    script = lambda_.invoke(
+        http_api_event("GET", "/console/assets/console.js", stage="prod")
+    )
+    assert script["body"] == (ROOT / "console/assets/console.js").read_text()
+    lambda_.close()

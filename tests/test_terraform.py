@@ -60,6 +60,8 @@ PUBLIC_ROUTES = {
     "GET /openapi.json",
     "GET /redoc",
     "GET /docs-assets/{proxy+}",
+    "GET /console",
+    "GET /console/{proxy+}",
 }
 
 
@@ -748,6 +750,7 @@ def test_apply_then_replan_shows_no_changes_and_destroy_leaves_nothing(
         "alarm_email": "oncall@example.com",
         "pending_jobs_alarm_threshold": 500,
         "downstream_queue_enabled": True,
+        "auth0_console_client_id": "ConsoleSpaClientId123",
         # moto stores a function but cannot run it, so the migration cannot be
         # invoked here; everything else about it is deployed and checked.
         "run_migrations_on_apply": False,

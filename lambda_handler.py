@@ -6,7 +6,7 @@ the execution environment. Mangum would run lifespan events on every
 invocation, so they are off and nothing depends on them.
 
 `API_GATEWAY_BASE_PATH` names the stage (e.g. `prod`) when the API is deployed
-on a named stage rather than `$default`; Mangum strips it from the path.
+on a named stage rather than `$default`; it becomes the ASGI `root_path`.
 
 Besides API Gateway events, `handler` takes scheduled tasks: an event
 `{"task": "<name>"}` (sent by EventBridge Scheduler) runs `SCHEDULED_TASKS[name]`:
@@ -62,12 +62,32 @@ def answer_unhandled_errors(asgi_app):
     return app_answering_errors
 
 
+def on_stage(asgi_app, base_path: str):
+    """The stage the API is deployed on (API_GATEWAY_BASE_PATH) as the ASGI
+    `root_path`, the idiom for an app mounted below a prefix: routes match
+    without it, and every URL the app writes (a Link's next page, the docs'
+    openapi.json) keeps it. Mangum's own base-path option strips the stage
+    from the path and leaves root_path empty, so those URLs would lose it."""
+    prefix = "/" + base_path.strip("/")
+    if prefix == "/":
+        return asgi_app
+
+    async def app_on_stage(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (
+            path == prefix or path.startswith(prefix + "/")
+        ):
+            scope = {**scope, "root_path": prefix}
+        await asgi_app(scope, receive, send)
+
+    return app_on_stage
+
+
 def build_handler(asgi_app) -> Mangum:
     """The Lambda handler for `asgi_app`, configured from the environment."""
+    base_path = settings_from_env().api_gateway_base_path
     return Mangum(
-        answer_unhandled_errors(asgi_app),
-        lifespan="off",
-        api_gateway_base_path=settings_from_env().api_gateway_base_path,
+        answer_unhandled_errors(on_stage(asgi_app, base_path)), lifespan="off"
     )
 
 

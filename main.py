@@ -185,7 +185,8 @@ async def create_job(
         created_by=principal.sub,
         idempotency_key=idempotency_key,
     )
-    response.headers["Location"] = f"/extraction-jobs/{job.id}"
+    root = http_request.scope.get("root_path", "")
+    response.headers["Location"] = f"{root}/extraction-jobs/{job.id}"
     observability.touched(job.id)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"

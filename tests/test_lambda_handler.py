@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi import FastAPI
@@ -132,6 +133,33 @@ def test_named_stage_is_stripped_with_api_gateway_base_path(
     monkeypatch.setenv("API_GATEWAY_BASE_PATH", "prod")
 
     assert invoker(app)(event)["statusCode"] == 200
+
+
+def test_on_a_named_stage_the_urls_the_app_writes_keep_the_stage(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("API_GATEWAY_BASE_PATH", "prod")
+    invoke = invoker(app)
+    for number in range(3):
+        created = invoke(
+            http_api_event(
+                "POST",
+                "/extraction-jobs",
+                json_body={"document_id": f"staged-{number}"},
+                stage="prod",
+            )
+        )
+        assert created["statusCode"] == 201
+    job = response_json(created)
+    assert created["headers"]["location"] == f"/prod/extraction-jobs/{job['id']}"
+    listed = invoke(
+        http_api_event("GET", "/extraction-jobs", query="limit=1", stage="prod")
+    )
+    link = listed["headers"]["link"]
+    following = link[link.index("<") + 1 : link.index(">")]
+    assert urlsplit(following).path == "/prod/extraction-jobs", link
+    docs = invoke(http_api_event("GET", "/docs", stage="prod"))
+    assert "/prod/openapi.json" in docs["body"]
 
 
 def test_unhandled_error_is_one_json_log_line_and_a_json_500(

@@ -624,6 +624,7 @@ def assert_monitoring_deployed(
         "db-freeable-memory",
         "oldest-pending-job",
         "pending-jobs",
+        "events-publish-failed",
         *connections,
     }
     assert all(alarm["AlarmActions"] == [topic] for alarm in alarms.values())

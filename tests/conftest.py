@@ -47,7 +47,35 @@ from main import create_app
 
 IN_CI = os.environ.get("CI") == "true"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
+
+
+def _database_of_this_worker(url: str) -> str:
+    """Under pytest-xdist (`make test` runs several workers), each worker's
+    PostgreSQL tests get a database of their own beside TEST_DATABASE_URL's,
+    `<its name>_<worker>`, made if missing: the tests empty and rebuild the
+    database they use, so two workers cannot share one. Every name a test
+    derives from it (scratch databases, roles) is then the worker's own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not url or not worker:
+        return url
+    import psycopg2
+
+    own = make_url(url).set(database=f"{make_url(url).database}_{worker}")
+    admin = psycopg2.connect(url)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (own.database,))
+        if cursor.fetchone() is None:
+            cursor.execute(f'CREATE DATABASE "{own.database}"')
+    admin.close()
+    return own.render_as_string(hide_password=False)
+
+
+TEST_DATABASE_URL = _database_of_this_worker(
+    os.environ.get("TEST_DATABASE_URL", "").strip()
+)
+if TEST_DATABASE_URL:  # also for the tests that read the environment
+    os.environ["TEST_DATABASE_URL"] = TEST_DATABASE_URL
 API_URL = os.environ.get("API_URL", "").strip()
 BACKENDS = ["sqlite", "postgresql"]
 CONTRACT_PREFIX = "contract-test-"

@@ -34,7 +34,7 @@ from db_models import EVENTS, JOBS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "scripts" / "worker.py"
-DOCS = ROOT / "docs" / "workers-reference-worker.md"
+DOCS = ROOT / "docs" / "workers.md"
 PYTHON = sys.executable
 LEASE = 10  # the API's shortest: heartbeats every 3.3 s
 

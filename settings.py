@@ -354,8 +354,8 @@ class Settings(BaseModel):
     retention_days: int | None = env(
         "RETENTION_DAYS",
         None,
-        "the sweep deletes completed/failed jobs (and their events) finished more "
-        "than this many days ago (1..36500)",
+        "the sweep deletes finished jobs (completed, failed or cancelled) and "
+        "their events, finished more than this many days ago (1..36500)",
         example="90",
         shown_default="unset (keep forever)",
         ge=1,

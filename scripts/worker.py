@@ -15,7 +15,7 @@ shutdown gives its job back without spending the attempt.
 
 Importable: `Worker(api, work).run()`, where `work` is a command as above or a
 Python function of the job returning its result (see
-docs/workers-reference-worker.md). Needs only httpx and the standard library.
+docs/workers.md). Needs only httpx and the standard library.
 Exit codes: 0 done or stopped by a signal, 1 the API refused the worker
 (401/403, or refused its claim), 2 bad arguments or an API it cannot reach.
 """

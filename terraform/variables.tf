@@ -305,7 +305,7 @@ variable "sweep_schedule" {
 
 variable "job_retention_days" {
   type        = number
-  description = "Days after which the sweep deletes completed and failed jobs and their events (RETENTION_DAYS). null (the default) keeps them forever."
+  description = "Days after which the sweep deletes finished jobs (completed, failed or cancelled) and their events (RETENTION_DAYS). null (the default) keeps them forever."
   default     = null
 
   validation {

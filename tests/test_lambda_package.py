@@ -287,7 +287,13 @@ def test_zip_holds_the_app_modules_and_their_dependencies_only(
     shipped_by_wheels = recorded_paths(package.root)
 
     sources = {name for name in names if not name.endswith(".pyc")}
-    strays = sources - APP_MODULES - CONSOLE_FILES - shipped_by_wheels - {build_lambda.CA_BUNDLE}
+    strays = (
+        sources
+        - APP_MODULES
+        - CONSOLE_FILES
+        - shipped_by_wheels
+        - {build_lambda.CA_BUNDLE}
+    )
     assert not strays, f"neither an app file nor a dependency file: {sorted(strays)}"
     assert APP_MODULES | CONSOLE_FILES <= sources
     top_level = {name.split("/")[0].split("-")[0] for name in names}

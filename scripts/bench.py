@@ -457,7 +457,7 @@ def run_scenarios(
     app_claims = claims["claim over HTTP"]
     print(
         f"{'claim over HTTP':40} {app_claims.rate:8.0f} "
-        f"{app_claims.rate / claim_floor:5.2f}x {'0.7x':>6}  "
+        f"{app_claims.rate / claim_floor:5.2f}x {'0.5x':>6}  "
         f"(client CPU {app_claims.client_cpu:.0%}, no job claimed twice)"
     )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")

@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 import database
+import repository
 from main import create_app
 
 
@@ -167,8 +168,10 @@ def test_every_request_type_is_one_round_trip(counted):
         lambda: client.post("/extraction-jobs", json={"document_id": "rt"})
     )
     assert created.status_code == 201
-    # The INSERT and its `created` event: one statement of data-modifying CTEs.
-    assert len(sent) == 1 and sent[0].startswith("WITH in_line AS"), sent
+    # The create clock's tick, the INSERT and its `created` event: one
+    # statement of data-modifying CTEs (drivers._pg_insert).
+    assert len(sent) == 1 and sent[0].startswith("WITH clock AS"), sent
+    assert "INSERT INTO extraction_job_event" in sent[0], sent
     job = created.json()
 
     keyed, sent = count(
@@ -579,10 +582,13 @@ def test_the_claims_generic_plan_reads_the_pending_jobs_index(counted, statement
     # plan could use the partial index at all.
     _on_the_app_connection(url, "SET enable_seqscan = off")
     client.post("/extraction-jobs/claim", json={"worker_id": "w"})
+    # The claim's first pick (due pending jobs), named by the claim's place
+    # among the changes its statement runs (drivers._pg_picked).
+    part = repository.CLAIM_CHANGES.index(repository.CLAIM)
     [(name, parameters)] = _on_the_app_connection(
         url,
         "SELECT name, cardinality(parameter_types) FROM pg_prepared_statements "
-        "WHERE strpos(statement, 'pick_1_0 AS MATERIALIZED') > 0",
+        f"WHERE strpos(statement, 'pick_{part}_0 AS MATERIALIZED') > 0",
     )
     nulls = ", ".join(["NULL"] * parameters)
     plan = "\n".join(

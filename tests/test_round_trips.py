@@ -14,6 +14,7 @@ counted once, as the SQL that ran; a PREPARE or anything else sent on its
 own is an entry, and counted, like any statement.
 """
 
+import gc
 import os
 import re
 import subprocess
@@ -381,6 +382,10 @@ def test_dropping_pooled_connections_after_a_restore_talks_to_no_one(counted):
     _, sent = count(database.drop_pooled_connections)
     assert sent == []
     assert client.get("/extraction-jobs").status_code == 200
+    # What was dropped is garbage in a reference cycle: here its socket is
+    # alive (after a real restore it is dead), so its session stays open
+    # until a collection closes it, and a later test would count it.
+    gc.collect()
 
 
 def test_a_multi_statement_write_keeps_one_transaction(counted, statement_log):

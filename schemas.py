@@ -1,7 +1,8 @@
 """Conversion between stored rows and the HTTP contract, so no row leaves
 the repository. The contract's fields are the column list: a job's row is
-its `Job` fields plus the columns only the service reads (`ROW_ONLY`), and
-tests/test_schemas.py keeps the table and the models in step.
+its `Job` fields plus the columns only the service reads (`ROW_ONLY`), an
+event's row its `JobEvent` fields plus `EVENT_ROW_ONLY`, and
+tests/test_schemas.py keeps the tables and the models in step.
 
 Jobs are built by pydantic's compiled validator from a plain dict of the
 row's values: for a row of the table it is about a third faster than
@@ -20,6 +21,11 @@ JOB_FIELDS = tuple(Job.model_fields)
 ROW_ONLY = ("seq", "idempotency_key", "lease_owner")
 # An event's fields, by its row's columns (`id` is the event's `seq`).
 EVENT_FIELDS = {name: name for name in JobEvent.model_fields} | {"id": "seq"}
+# Columns of an event's row that the contract does not show: `xid`, the
+# writing transaction's id, orders the change feed (repository._feed) and
+# travels only inside its signed cursor; it means nothing to a client (and
+# is 0 on SQLite).
+EVENT_ROW_ONLY = ("xid",)
 
 _validate_job = Job.__pydantic_validator__.validate_python
 _validate_event = JobEvent.__pydantic_validator__.validate_python

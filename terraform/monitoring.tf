@@ -340,8 +340,12 @@ locals {
       metrics = [[var.metrics_namespace, "OldestPendingAgeSeconds", { stat = "Maximum" }]]
     },
     {
-      title   = "Jobs created, claimed, completed, failed (per 5 min)"
+      title   = "Jobs created, claimed, completed, failed, cancelled; leases expired (per 5 min)"
       metrics = [for name in ["JobsCreated", "JobsClaimed", "JobsCompleted", "JobsFailed", "JobsCancelled", "LeasesExpired"] : [var.metrics_namespace, name, { stat = "Sum" }]]
+    },
+    {
+      title   = "Job events published to EventBridge, and those that failed (left for the sweep; per 5 min)"
+      metrics = [for name in ["EventsPublished", "EventsPublishFailed"] : [var.metrics_namespace, name, { stat = "Sum" }]]
     },
     {
       title = "Database CPU (%) and connections"

@@ -79,6 +79,13 @@ if TEST_DATABASE_URL:  # also for the tests that read the environment
 API_URL = os.environ.get("API_URL", "").strip()
 BACKENDS = ["sqlite", "postgresql"]
 CONTRACT_PREFIX = "contract-test-"
+# What main.run_sweep answers when it found nothing to do (without a bus).
+SWEPT_NOTHING = {
+    "leases_failed": 0,
+    "leases_cancelled": 0,
+    "leases_released": 0,
+    "jobs_deleted": 0,
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:

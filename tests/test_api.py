@@ -37,6 +37,7 @@ JOB_FIELDS = {
     "run_at",
     "lease_expires_at",
     "heartbeat_at",
+    "cancel_requested_at",
     "result",
     "updated_by",
     "finished_at",
@@ -49,8 +50,11 @@ ALLOWED = {
     ("processing", "completed"),
     ("processing", "failed"),
     ("processing", "pending"),
+    # The holder honouring a cancel request (a pending job is cancelled by
+    # POST .../cancel, not by PATCH).
+    ("processing", "cancelled"),
 }
-FINISHED = {"completed", "failed"}
+FINISHED = {"completed", "failed", "cancelled"}
 STATUSES = [status.value for status in JobStatus]
 
 
@@ -60,11 +64,16 @@ def create(api, doc_id, **fields):
     return response.json()
 
 
+# The PATCHes that bring a fresh (pending) job to a status: only its holder
+# moves a job to cancelled.
+PATH_TO = {"pending": [], "cancelled": ["processing", "cancelled"]}
+
+
 def job_in(api, doc_id, status):
     """A fresh job brought to `status` through the API."""
     job = create(api, doc_id)
-    if status != "pending":
-        response = api.patch(f"/extraction-jobs/{job['id']}", json={"status": status})
+    for step in PATH_TO.get(status, [status]):
+        response = api.patch(f"/extraction-jobs/{job['id']}", json={"status": step})
         assert response.status_code == 200, response.text
         job = response.json()
     return job
@@ -102,6 +111,7 @@ def test_create_returns_201_location_and_the_full_job(api, doc_id):
     assert job["attempts"] == 0
     assert job["version"] == 1
     assert job["worker_id"] is job["started_at"] is job["finished_at"] is None
+    assert job["cancel_requested_at"] is None
     assert ISO_UTC_MICROS.match(job["created_at"]), job["created_at"]
     assert job["created_at"] == job["updated_at"]
 
@@ -157,9 +167,11 @@ def test_state_machine(api, doc_id, current, target):
             assert after == job  # the same request again changes nothing
     else:
         assert_detail(response, 409)
-        # Only a finished job refuses a move: it is final.
         detail = response.json()["detail"]
-        assert current in FINISHED and "finished" in detail and current in detail
+        if current in FINISHED:  # a finished job refuses every move: it is final
+            assert "finished" in detail and current in detail
+        else:  # a move the machine has no edge for names both ends
+            assert f"'{current}' to '{target}'" in detail
         assert after == job  # nothing changed
 
 

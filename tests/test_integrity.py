@@ -912,7 +912,7 @@ def assert_503(response) -> None:
 
 def test_a_create_cut_after_the_server_ran_it_is_503_and_made_one_job(forwarded):
     forwarder, client, url = forwarded
-    assert client.get("/health").status_code == 200
+    assert client.get("/health?deep=1").status_code == 200  # schema checked, pool warm
     forwarder.cut_after(b"extraction_job_create_clock")  # the create
     assert_503(client.post("/extraction-jobs", json={"document_id": "cut"}))
     assert forwarder.cuts == 1
@@ -927,7 +927,7 @@ def test_a_create_cut_after_the_server_ran_it_is_503_and_made_one_job(forwarded)
 def test_a_keyed_create_cut_after_it_ran_is_safe_to_repeat(forwarded):
     forwarder, client, url = forwarded
     body, key = {"document_id": "keyed"}, {"Idempotency-Key": "cut-key"}
-    assert client.get("/health").status_code == 200
+    assert client.get("/health?deep=1").status_code == 200  # schema checked, pool warm
     forwarder.cut_after(b"extraction_job_create_clock")
     assert_503(client.post("/extraction-jobs", json=body, headers=key))
     replay = client.post("/extraction-jobs", json=body, headers=key)

@@ -13,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
 
 import pytest
-from conftest import backend_url, next_link
+from conftest import SWEPT_NOTHING, backend_url, next_link
 from fastapi.testclient import TestClient
 
 import database
 import lambda_handler
+import service
 from main import create_app
 from models import FINISHED
 
@@ -304,7 +305,7 @@ def test_the_sweep_releases_lapsed_leases_and_fails_exhausted_ones(app, client, 
     claim(client, "w2", lease_seconds=600)
     clock.advance(11)
     counts = lambda_handler.run_sweep(app)
-    assert counts == {"leases_failed": 1, "leases_released": 1, "jobs_deleted": 0}
+    assert counts == {**SWEPT_NOTHING, "leases_failed": 1, "leases_released": 1}
     released = client.get(f"/extraction-jobs/{again['id']}").json()
     assert (released["status"], released["lease_expires_at"]) == ("pending", None)
     failed = client.get(f"/extraction-jobs/{once['id']}").json()
@@ -328,7 +329,7 @@ def test_lambda_routes_the_scheduled_sweep_event_to_the_sweep(
     clock.advance(11)
     monkeypatch.setattr(lambda_handler, "app", app)
     result = lambda_handler.handler(lambda_handler.SWEEP_EVENT, None)
-    assert result == {"leases_failed": 0, "leases_released": 1, "jobs_deleted": 0}
+    assert result == {**SWEPT_NOTHING, "leases_released": 1}
 
 
 def test_retention_deletes_only_finished_jobs_past_it_with_their_events(
@@ -758,7 +759,14 @@ def test_stats_counts_statuses_oldest_pending_and_expired_leases(client, clock):
     empty = client.get("/extraction-jobs/stats")
     assert empty.status_code == 200
     assert empty.json() == {
-        "counts": {"pending": 0, "processing": 0, "completed": 0, "failed": 0},
+        "counts": {
+            "pending": 0,
+            "processing": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
+        },
+        "estimated": [],
         "oldest_pending_age_seconds": None,
         "expired_leases": 0,
     }
@@ -776,7 +784,9 @@ def test_stats_counts_statuses_oldest_pending_and_expired_leases(client, clock):
         "processing": 2,
         "completed": 1,
         "failed": 0,
+        "cancelled": 0,
     }
+    assert stats["estimated"] == []  # a handful of jobs: every count exact
     assert stats["expired_leases"] == 2
     assert 120 <= stats["oldest_pending_age_seconds"] < 130
     assert oldest["status"] == "pending"
@@ -859,13 +869,21 @@ def test_a_cursor_walk_under_concurrent_inserts_has_no_duplicates_or_gaps(client
 
 
 def tampered(cursor: str) -> list[str]:
-    raw = bytearray(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    """The cursor (`[2,[seq],"<filters digest>"]` and its signature) with a
+    flipped byte, with another position (the filters digest kept, so only the
+    signature can refuse it), unsigned, and cut or lengthened."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    assert raw.startswith(b"[2,[")
+    payload = raw[: -service.CursorCodec.SIGNATURE_BYTES]
     flipped = bytearray(raw)
     flipped[5] ^= 1
-    forged = raw.replace(b"[1,", b"[1,1", 1)
+    forged = raw.replace(b"[2,[", b"[2,[1", 1)
+    unsigned = payload + b"0" * service.CursorCodec.SIGNATURE_BYTES
     return [
-        base64.urlsafe_b64encode(bytes(flipped)).rstrip(b"=").decode(),
-        base64.urlsafe_b64encode(bytes(forged)).rstrip(b"=").decode(),
+        *(
+            base64.urlsafe_b64encode(bytes(token)).rstrip(b"=").decode()
+            for token in (flipped, forged, unsigned)
+        ),
         cursor[:-2],
         cursor + "A",
     ]
@@ -882,6 +900,7 @@ def test_a_bad_cursor_is_422_never_500(client):
         "%%%",
         "\u00e9",
         "A" * 600,
+        # the previous release's shape: version 1, the filters in the clear
         base64.urlsafe_b64encode(b"[1,0,[null,null]]" + b"0" * 16).decode(),
     ]
     for value in bad:

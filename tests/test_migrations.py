@@ -336,6 +336,8 @@ def test_a_postgres_database_at_an_older_revision_answers_503(
 
 # What a new status changes, done to the migrated database behind the
 # models' back: the direct comparison must see it (Alembic's does not).
+# The status is one no model has (`cancelled` is one of the models' now).
+NEW_STATUS = "archived"
 SCRATCH_CHANGES = {
     "check": (
         "check ck_extraction_job_status",
@@ -345,15 +347,15 @@ SCRATCH_CHANGES = {
                 (
                     "ALTER TABLE extraction_job ADD CONSTRAINT ck_extraction_job_status "
                     "CHECK (status IN ('pending', 'processing', 'completed', 'failed', "
-                    "'cancelled'))"
+                    f"'cancelled', '{NEW_STATUS}'))"
                 ),
             ],
             # SQLite cannot alter a constraint; its schema text is the table's.
             "sqlite": [
                 "PRAGMA writable_schema = ON",
                 (
-                    "UPDATE sqlite_master SET sql = replace(sql, '''failed'')', "
-                    "'''failed'', ''cancelled'')') WHERE name = 'extraction_job'"
+                    "UPDATE sqlite_master SET sql = replace(sql, '''cancelled'')', "
+                    f"'''cancelled'', ''{NEW_STATUS}'')') WHERE name = 'extraction_job'"
                 ),
                 "PRAGMA writable_schema = OFF",
             ],
@@ -366,7 +368,8 @@ SCRATCH_CHANGES = {
                 "DROP INDEX ix_extraction_job_finished",
                 (
                     "CREATE INDEX ix_extraction_job_finished ON extraction_job "
-                    "(finished_at) WHERE status IN ('completed', 'failed', 'cancelled')"
+                    "(finished_at) WHERE status IN "
+                    f"('completed', 'failed', 'cancelled', '{NEW_STATUS}')"
                 ),
             ]
             for dialect in ("postgresql", "sqlite")
@@ -389,6 +392,6 @@ def test_the_comparison_sees_a_changed_check_or_partial_index(empty_url, change)
         name for name in migrated | modelled if migrated.get(name) != modelled.get(name)
     }
     assert differing == {changed}
-    assert "cancelled" in migrated[changed]
-    assert "cancelled" not in modelled[changed]
+    assert NEW_STATUS in migrated[changed]
+    assert NEW_STATUS not in modelled[changed]
     assert schema_differences(empty_url) == []  # what Alembic alone would miss

@@ -27,14 +27,15 @@ import repository
 import settings
 from db_models import metadata
 from main import create_app
-from models import JobStatus
+from models import JobFilter, JobStatus, ListOrder
 
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/test"
 
 
-def bound_list(document_id, status):
+def bound_list(document_id, status, order=ListOrder.ASC):
     """The list statement with its values bound, as the repository runs it."""
-    statement, params = repository.list_query(document_id, status, 10, 0)
+    selection = JobFilter(document_id=document_id, status=status)
+    statement, params = repository.list_query(selection, order, 10, 0)
     return statement.params(**params)
 
 
@@ -275,12 +276,13 @@ def _sql(statement, engine):
     return str(statement.compile(engine, compile_kwargs={"literal_binds": True}))
 
 
+@pytest.mark.parametrize("order", ListOrder)
 @pytest.mark.parametrize(("document_id", "status"), LIST_SHAPES)
-def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status):
+def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status, order):
     url = f"sqlite:///{tmp_path / 'plan.db'}"
     database.ensure_schema(url)
     engine = database.get_engine(url)
-    sql = _sql(bound_list(document_id, status), engine)
+    sql = _sql(bound_list(document_id, status, order), engine)
     with engine.connect() as connection:
         plan = " ".join(
             row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
@@ -315,11 +317,12 @@ def _postgres_plan(url, statement, params=None):
     return "\n".join(row[0] for row in rows)
 
 
+@pytest.mark.parametrize("order", ListOrder)
 @pytest.mark.parametrize(("document_id", "status"), LIST_SHAPES)
-def test_postgres_list_queries_use_an_index(document_id, status):
+def test_postgres_list_queries_use_an_index(document_id, status, order):
     url = postgres_url()
     database.upgrade_schema(url)
-    plan = _postgres_plan(url, bound_list(document_id, status))
+    plan = _postgres_plan(url, bound_list(document_id, status, order))
     assert "Seq Scan" not in plan, plan
     assert "Index" in plan, plan
 
@@ -328,13 +331,15 @@ def test_postgres_claim_uses_the_partial_pending_index():
     url = postgres_url()
     database.upgrade_schema(url)
     now = datetime.now(UTC)
-    claim = drivers._pg_changes((repository.FAIL_EXHAUSTED, repository.CLAIM))
+    # As repository.claim sends it (no outbox: no event bus).
+    claim = drivers._pg_changes(repository.CLAIM_CHANGES, None)
     params = {
         "worker": "w",
         "limit": 5,
         "moment": now,
         "lease_until": now,
         "actor": None,
+        "reason": repository.LAPSED_ON_CANCEL,
     }
     plan = _postgres_plan(url, claim, params)
     assert "ix_extraction_job_pending_claim" in plan, plan

@@ -283,8 +283,11 @@ def test_every_request_is_one_round_trip_and_keeps_no_session_state(counted):  #
     for sent in every:
         assert len(sent) == 1, sent
         assert not SESSION_STATE.match(sent[0]), sent
-    # The create's place in line is a transaction-scoped lock, in its statement.
-    assert "pg_advisory_xact_lock" in every[0][0]
+    # The create's place in line is the create clock's row lock, taken in its
+    # statement and held to its commit: transaction-scoped, nothing left in
+    # the session for the pooler's next client.
+    assert "UPDATE extraction_job_create_clock" in every[0][0], every[0]
+    assert not any("pg_advisory_lock" in sent[0] for sent in every), every
 
 
 @pytest.mark.parametrize("pooler", ["1", "0"])

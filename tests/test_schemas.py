@@ -1,6 +1,7 @@
 """Lists said once: the job columns, the event columns and the statuses.
 
-A job's row is its `Job` fields plus `schemas.ROW_ONLY`; the statuses
+A job's row is its `Job` fields plus `schemas.ROW_ONLY`, an event's its
+`JobEvent` fields plus `schemas.EVENT_ROW_ONLY`; the statuses
 (models.JobStatus) drive StatusCounts, the finished set, the state machine,
 the CHECK constraint and the partial indexes (their SQL is compared with the
 migrated databases by tests/test_migrations.py).
@@ -27,10 +28,14 @@ def test_a_jobs_row_is_its_contract_fields_and_the_row_only_columns():
     assert schemas.JOB_FIELDS == tuple(Job.model_fields)
 
 
-def test_an_events_row_is_its_contract_fields():
-    columns = {column.name for column in EVENTS.c}
+def test_an_events_row_is_its_contract_fields_and_the_row_only_columns():
+    columns = [column.name for column in EVENTS.c]
+    assert len(columns) == len(set(columns))
     assert set(schemas.EVENT_FIELDS) == set(JobEvent.model_fields)
-    assert set(schemas.EVENT_FIELDS.values()) == columns
+    assert set(schemas.EVENT_ROW_ONLY).isdisjoint(schemas.EVENT_FIELDS.values())
+    assert set(columns) == set(schemas.EVENT_FIELDS.values()) | set(
+        schemas.EVENT_ROW_ONLY
+    )
 
 
 def test_status_counts_are_one_field_per_status_in_the_enums_order():

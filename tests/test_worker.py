@@ -78,7 +78,10 @@ class Server:
         while True:
             assert self.process.poll() is None, self.log.read_text()
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                # Deep: the database answers and the schema is made, so the
+                # tests can empty its tables (a shallow /health touches neither).
+                ready = httpx.get(f"{self.url}/health?deep=1", timeout=2)
+                if ready.status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -90,7 +90,11 @@ def test_every_use_of_the_apps_namespace_in_terraform_is_read():
 
 def test_terraform_names_only_metrics_the_app_emits():
     alarms, dashboard, _ = app_metrics_in_terraform(terraform_sources())
-    assert set(alarms) == {"OldestPendingAgeSeconds", "PendingJobs"}
+    assert set(alarms) == {
+        "OldestPendingAgeSeconds",
+        "PendingJobs",
+        "EventsPublishFailed",
+    }
     assert set(alarms) | set(dashboard) <= set(observability.METRICS)
 
 

@@ -46,7 +46,7 @@ docs-check: install-run
 # The console's browser tests (tests/test_console_browser.py) are part of it:
 # they need Debian's chromium (apt-get install -y chromium; .ci/run installs it).
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile
 
 # docs/images/console-*.png, from a live app on a scratch SQLite file.
 console-screenshots: install

@@ -63,6 +63,7 @@ def assert_function_wired_to_private_network_and_database(
         "LOG_LEVEL",
         "METRICS_ENABLED",
         "METRICS_NAMESPACE",
+        "EVENT_BUS_NAME",
         *(
             ["AUTH0_CONSOLE_CLIENT_ID"]
             if "auth0_console_client_id" in variables

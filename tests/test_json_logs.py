@@ -146,7 +146,7 @@ def test_database_unreachable_is_json_lines(entry, tmp_path):
     )
 
     def work(base: str) -> None:
-        assert httpx.get(f"{base}/health").status_code == 503
+        assert httpx.get(f"{base}/health?deep=1").status_code == 503
         created = httpx.post(f"{base}/extraction-jobs", json={"document_id": "d"})
         assert created.status_code == 503
 
@@ -187,7 +187,7 @@ def test_schema_out_of_date_is_json_lines(entry, tmp_path, behind_head):
     env = environment(tmp_path, AUTH_DISABLED="1", DATABASE_URL=behind_head)
 
     def work(base: str) -> None:
-        health = httpx.get(f"{base}/health")
+        health = httpx.get(f"{base}/health?deep=1")
         assert health.json()["database"] == "schema_out_of_date"
 
     _, stderr = serve(ENTRY_POINTS[entry](port), env, port, work)
@@ -229,7 +229,8 @@ LAMBDA_SCRIPT = textwrap.dedent(
     from lambda_events import LambdaContext, http_api_event
     from lambda_handler import handler
     headers = json.loads(sys.argv[2])
-    event = http_api_event("GET", sys.argv[1], headers=headers)
+    path, _, query = sys.argv[1].partition("?")
+    event = http_api_event("GET", path, query=query, headers=headers)
     answer = handler(event, LambdaContext())
     print(json.dumps({"answer": answer["statusCode"]}))
     """
@@ -263,7 +264,7 @@ def lambda_records(result: subprocess.CompletedProcess) -> tuple[int, list[str]]
 def test_lambda_database_unreachable_is_json_lines(tmp_path):
     result = invoke_lambda(
         tmp_path,
-        "/health",
+        "/health?deep=1",
         AUTH_DISABLED="1",
         DATABASE_URL=f"postgresql://postgres@{CLOSED}/jobs",
         DB_CONNECT_TIMEOUT="2",
@@ -291,7 +292,7 @@ def test_lambda_jwks_unreachable_is_json_lines(tmp_path):
 
 def test_lambda_schema_out_of_date_is_json_lines(tmp_path, behind_head):
     result = invoke_lambda(
-        tmp_path, "/health", AUTH_DISABLED="1", DATABASE_URL=behind_head
+        tmp_path, "/health?deep=1", AUTH_DISABLED="1", DATABASE_URL=behind_head
     )
     status, said = lambda_records(result)
     assert status == 503

@@ -46,6 +46,7 @@ SILENT_503_WITHIN_S = 12
 TARPIT_503_WITHIN_S = 12
 # Side by side, not one connect timeout after another.
 SPREAD_S = 2.0
+CONNECT_TIMEOUT_S = 5  # DB_CONNECT_TIMEOUT's default
 RECOVERED_WITHIN_S = 5.0
 
 Request = Callable[[TestClient], httpx.Response]
@@ -149,7 +150,9 @@ def test_a_partition_answers_503_within_seconds_and_heals_by_itself(url, app_on)
             answers = concurrently(client, _mixed(job_id))
         assert rules_left(relay.port) == "", "the partition's rules are gone"
         times = assert_all_unavailable(answers, PARTITION_503_WITHIN_S, "partition")
-        assert times[-1] - times[0] <= SPREAD_S + 1, times
+        # Not one after another: a request that found the connect gate shut
+        # may answer a connect timeout early, never one more behind the rest.
+        assert times[-1] - times[0] <= CONNECT_TIMEOUT_S + SPREAD_S, times
         healed = seconds_until_ok(client)
     print(f"partition: 200 again {healed:.2f} s after it healed")
     assert healed <= RECOVERED_WITHIN_S

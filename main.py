@@ -136,6 +136,11 @@ Operator = Annotated[
 
 router = APIRouter(prefix="/extraction-jobs", tags=["extraction jobs"])
 COMMON_ERRORS = (401, 403, 503)
+# The answers of a request that changes one job.
+CHANGED_JOB = {
+    200: {"headers": ETAG},
+    **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
+}
 
 
 def _etag(response: Response, job: Job) -> Job:
@@ -377,7 +382,7 @@ async def get_job(job_id: str, request: Request, response: Response, _: Reader) 
     response_model=Job,
     summary="Extend the lease of a job this worker holds",
     dependencies=JSON_BODY,
-    responses=errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
+    responses=CHANGED_JOB,
 )
 async def heartbeat_job(
     job_id: str,
@@ -428,10 +433,7 @@ async def list_job_events(
     response_model=Job,
     summary="Cancel a job: pending at once, processing by asking its holder",
     dependencies=JSON_BODY,
-    responses={
-        200: {"headers": ETAG},
-        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
-    },
+    responses=CHANGED_JOB,
 )
 async def cancel_job(
     job_id: str,
@@ -451,10 +453,7 @@ async def cancel_job(
     response_model=Job,
     summary="Run a failed or cancelled job again, with a fresh allowance of attempts",
     dependencies=JSON_BODY,
-    responses={
-        200: {"headers": ETAG},
-        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
-    },
+    responses=CHANGED_JOB,
 )
 async def retry_job(
     job_id: str,
@@ -472,10 +471,7 @@ async def retry_job(
     response_model=Job,
     summary="Give a held job back, and its attempt with it",
     dependencies=JSON_BODY,
-    responses={
-        200: {"headers": ETAG},
-        **errors(404, 409, 413, 415, 422, *COMMON_ERRORS),
-    },
+    responses=CHANGED_JOB,
 )
 async def release_job(
     job_id: str,

@@ -497,27 +497,43 @@ class JobService:
         self, job_id: str, request: HeartbeatRequest, *, actor: str | None = None
     ) -> Job:
         """Extend the holder's lease from now (409 unless it holds the job)."""
-        uid = _parse_id(job_id)
-        for _ in range(MAX_UPDATE_ATTEMPTS):
-            now = self.clock()
-            moved = self.repository.heartbeat(
+        return self._by_holder(
+            job_id,
+            request.worker_id,
+            actor,
+            "lease to extend",
+            lambda uid, now: self.repository.heartbeat(
                 uid,
                 worker_id=request.worker_id,
                 now=now,
                 lease_until=now + timedelta(seconds=request.lease_seconds),
                 actor=actor,
-            )
-            job = moved.job
+            ),
+        )
+
+    def _by_holder(
+        self,
+        job_id: str,
+        worker_id: str,
+        actor: str | None,
+        nothing: str,
+        change: Callable[[uuid.UUID, datetime], Moved],
+    ) -> Job:
+        """`change(uid, now)`, which only the lease's holder may make: the
+        job after it, or the refusal (409: `nothing` when not processing)."""
+        uid = _parse_id(job_id)
+        for _ in range(MAX_UPDATE_ATTEMPTS):
+            moved = change(uid, self.clock())
+            job = self._found(job_id, moved)
             if moved.changed:
+                self._moved([(moved.old_status, job)])
                 return job
-            if job is None:
-                raise JobNotFound(job_id)
             if job.status != JobStatus.PROCESSING:
                 raise NotLeaseHolder(
-                    f"The job is {job.status.value}, not processing: there is no lease "
-                    "to extend"
+                    f"The job is {job.status.value}, not processing: there is no "
+                    f"{nothing}"
                 )
-            refusal = _not_held(job, moved, request.worker_id, actor)
+            refusal = _not_held(job, moved, worker_id, actor)
             if refusal is not None:
                 raise refusal
         raise UpdateContention()
@@ -693,30 +709,21 @@ class JobService:
     ) -> Job:
         """The holder gives its processing job back, and the attempt with it
         (the next claim's `attempts` is this one's): for a graceful shutdown."""
-        uid = _parse_id(job_id)
-        for _ in range(MAX_UPDATE_ATTEMPTS):
-            now = self.clock()
-            moved = self.repository.release(
+        delay = timedelta(seconds=request.retry_in_seconds or 0)
+        return self._by_holder(
+            job_id,
+            request.worker_id,
+            actor,
+            "lease to give back",
+            lambda uid, now: self.repository.release(
                 uid,
                 worker_id=request.worker_id,
                 now=now,
-                run_at=now + timedelta(seconds=request.retry_in_seconds or 0),
+                run_at=now + delay,
                 actor=actor,
                 reason=RELEASED_ON_CANCEL,
-            )
-            job = self._found(job_id, moved)
-            if moved.changed:
-                self._moved([(moved.old_status, moved.job)])
-                return job
-            if job.status != JobStatus.PROCESSING:
-                raise NotLeaseHolder(
-                    f"The job is {job.status.value}, not processing: there is no "
-                    "lease to give back"
-                )
-            refusal = _not_held(job, moved, request.worker_id, actor)
-            if refusal is not None:
-                raise refusal
-        raise UpdateContention()
+            ),
+        )
 
     def bulk(self, request: BulkRequest, *, actor: str | None = None) -> BulkOutcome:
         """The action on every job the filter and ids match, BULK_BATCH jobs

@@ -193,12 +193,10 @@ JOBS = Table(
         "seq",
         where=_status_is(JobStatus.PENDING),
     ),
-    # /stats: the longest-waiting due job.
-    PartialIndex(
-        "ix_extraction_job_pending_run_at",
-        "run_at",
-        where=_status_is(JobStatus.PENDING),
-    ),
+    # /stats: the longest-waiting due job. Not partial: a second index on
+    # just the pending jobs would compete with the claim's (see
+    # repository._due).
+    Index("ix_extraction_job_status_run_at", "status", "run_at"),
     # The sweep: leases that ran out, and finished jobs past retention.
     PartialIndex(
         "ix_extraction_job_lease",

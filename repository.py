@@ -224,6 +224,16 @@ def _in_creation_order(job: Row) -> list[Any]:
     return [job.seq]
 
 
+def _due(job: Row) -> Any:
+    """Its run_at has come, written so that no index on run_at can serve it
+    (coalesce of a NOT NULL column changes nothing): a claim reads the claim
+    index in its own order and stops at `limit`. Given the choice, with
+    statistics that lag a burst of new jobs, PostgreSQL fetched every due
+    job through /stats' run_at index and sorted them: 38 ms a claim with
+    30,000 pending, against 0.3 ms (tests/test_persistence.py)."""
+    return func.coalesce(job.run_at, MOMENT) <= MOMENT
+
+
 def _lapsed_leases(where: Callable[[Row], list[Any]], limit: Any) -> Pick:
     return Pick(where, order_by=_by_lease_expiry, limit=limit, skip_locked=True)
 
@@ -313,7 +323,7 @@ def _taken(job: Row, at: Any) -> dict[str, Any]:
 CLAIM = Change(
     picks=(
         Pick(
-            lambda job: [job.status == PENDING, job.run_at <= MOMENT],
+            lambda job: [job.status == PENDING, _due(job)],
             order_by=_most_urgent,
             limit=LIMIT,
             skip_locked=True,

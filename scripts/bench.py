@@ -72,6 +72,8 @@ def floor_app():
         max_attempts=3,
         run_at=now,
         lease_expires_at=None,
+        heartbeat_at=None,
+        cancel_requested_at=None,
         result=None,
         updated_by=None,
     )

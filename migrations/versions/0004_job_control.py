@@ -3,7 +3,7 @@
 - `cancelled` joins the status CHECK, and the finished-jobs index (retention).
 - `cancel_requested_at`: an operator's cancel of a processing job.
 - Indexes for the operator lists (by worker, by creation time) and for the
-  oldest due pending job in /stats.
+  oldest due pending job in /stats (by status and run_at).
 - `extraction_job_create_clock`: one row, the newest job's `created_at`; a
   create takes its row lock and its time from it (db_models.CREATE_CLOCK).
 
@@ -31,7 +31,6 @@ STATUSES = "'pending', 'processing', 'completed', 'failed', 'cancelled'"
 OLD_STATUSES = "'pending', 'processing', 'completed', 'failed'"
 FINISHED = sa.text("status IN ('completed', 'failed', 'cancelled')")
 OLD_FINISHED = sa.text("status IN ('completed', 'failed')")
-PENDING = sa.text("status = 'pending'")
 
 
 def _statuses(old: str, new: str) -> None:
@@ -95,11 +94,7 @@ def upgrade() -> None:
         "ix_extraction_job_created", "extraction_job", ["created_at", "seq"]
     )
     op.create_index(
-        "ix_extraction_job_pending_run_at",
-        "extraction_job",
-        ["run_at"],
-        postgresql_where=PENDING,
-        sqlite_where=PENDING,
+        "ix_extraction_job_status_run_at", "extraction_job", ["status", "run_at"]
     )
     op.create_table(
         "extraction_job_create_clock",
@@ -114,7 +109,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("extraction_job_create_clock")
-    op.drop_index("ix_extraction_job_pending_run_at", table_name="extraction_job")
+    op.drop_index("ix_extraction_job_status_run_at", table_name="extraction_job")
     op.drop_index("ix_extraction_job_created", table_name="extraction_job")
     op.drop_index("ix_extraction_job_worker", table_name="extraction_job")
     # The older schema has no place for a cancelled job: it goes back to failed.

@@ -45,6 +45,8 @@ docs-check: install-run
 
 # The console's browser tests (tests/test_console_browser.py) are part of it:
 # they need Debian's chromium (apt-get install -y chromium; .ci/run installs it).
+# Three processes, one test file each (conftest gives each its own PostgreSQL
+# database): the suite is mostly waiting (timeouts, browsers), not CPU.
 test: install
 	$(BIN)/pytest -n 3 --dist loadfile
 

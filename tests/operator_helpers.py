@@ -25,17 +25,6 @@ JOBS_URL = "/extraction-jobs"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def reset_create_clock(url: str) -> None:
-    """Empty tables also mean a create clock at the epoch: a test before
-    this one that moved its service clock ahead and created a job left the
-    clock there, and every job created after would share that instant.
-    (A fresh SQLite file starts at the epoch.)"""
-    if not url.startswith("postgresql"):
-        return
-    with database.get_engine(url).begin() as connection:
-        connection.execute(update(CREATE_CLOCK).values(created_at=EPOCH))
-
-
 def make_app(
     url: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -43,7 +32,6 @@ def make_app(
 ) -> FastAPI:
     monkeypatch.setenv("DATABASE_URL", url)
     app = create_app()
-    reset_create_clock(url)
     if clock is not None:
         app.state.service.clock = clock
     return app

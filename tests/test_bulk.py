@@ -27,7 +27,6 @@ from tests.operator_helpers import (
     histories,
     job,
     kinds,
-    make_app,
     ok,
     patch,
     retry,
@@ -35,11 +34,6 @@ from tests.operator_helpers import (
 )
 
 UNKNOWN_ID = "0b7c3a52-8a1e-4a53-9d38-6f0a3c0d2b11"
-
-
-@pytest.fixture
-def app(database_url, monkeypatch, clock):
-    return make_app(database_url, monkeypatch, clock)
 
 
 @pytest.fixture

@@ -37,11 +37,6 @@ LAPSED_REASON = "the lease ran out after the cancel request"
 
 
 @pytest.fixture
-def app(database_url, monkeypatch, clock):
-    return make_app(database_url, monkeypatch, clock)
-
-
-@pytest.fixture
 def client(app) -> TestClient:
     return TestClient(app)
 

@@ -562,11 +562,16 @@ StatusCounts = create_model(
 )
 
 
+# /stats counts each status exactly up to here (an index range of bounded
+# length); past it, the database's estimate where it has one.
+EXACT_COUNT_CAP = 5_000
+
+
 class JobStats(BaseModel):
     counts: StatusCounts
     estimated: list[JobStatus] = Field(
         description="The statuses whose count is the database's estimate (over "
-        "10000 jobs); every other count is exact."
+        f"{EXACT_COUNT_CAP} jobs); every other count is exact."
     )
     oldest_pending_age_seconds: float | None = Field(
         description="Seconds the longest-waiting due job has waited, counted from "

@@ -56,6 +56,7 @@ from drivers import (
     strictly_after,
 )
 from models import (
+    EXACT_COUNT_CAP,
     PUBLISHED_EVENTS,
     BulkAction,
     EventType,
@@ -79,7 +80,6 @@ MAX_RETENTION_BATCHES = 20
 BULK_BATCH = 1_000
 MATCH_COUNT_CAP = 100_000
 # Counts per status are exact up to this; beyond it, the database's estimate.
-EXACT_COUNT_CAP = 10_000
 
 PENDING = JobStatus.PENDING.value
 PROCESSING = JobStatus.PROCESSING.value
@@ -873,10 +873,13 @@ def _stats() -> Select:
             count.label(status.value),
             estimated.label(f"{status}_estimated"),
         ]
-    return select(
-        *columns,
-        measured.c.oldest_due.label("oldest_due"),
-        measured.c.expired.label("expired_leases"),
+    # Prepared: planning this statement costs more than running it.
+    return prepared(
+        select(
+            *columns,
+            measured.c.oldest_due.label("oldest_due"),
+            measured.c.expired.label("expired_leases"),
+        )
     )
 
 

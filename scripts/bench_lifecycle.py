@@ -46,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import prepared_queries  # scripts/, beside this one
 from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.pool import NullPool
 
@@ -165,7 +166,7 @@ class Bench:
         """A cursor at `fraction` of the table, as a client walking holds one."""
         seq = self.first_seq + int(self.size * fraction)
         filters = [selection.model_dump(mode="json"), order.value]
-        return self.service.cursors.encode(seq, filters)
+        return self.service.cursors.encode((seq,), filters)
 
     # The floors run as the app's requests do (database.run: a pooled
     # connection in autocommit, one statement, one round trip).
@@ -233,9 +234,8 @@ class Bench:
         try:
             cursor = raw.cursor()
             if context.execution_options.get(database.PREPARED):
-                prepare, execute = database.prepared_queries(
-                    context.compiled, parameters
-                )
+                # The first use prepares (and runs it once); EXPLAIN the next.
+                prepare, execute = prepared_queries(context.compiled, parameters)
                 cursor.execute("SET plan_cache_mode = force_generic_plan")
                 cursor.execute(prepare, parameters)
                 query = execute

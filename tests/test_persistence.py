@@ -13,6 +13,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -295,10 +296,10 @@ def test_sqlite_list_queries_use_an_index(tmp_path, document_id, status, order):
     assert "TEMP B-TREE" not in plan, plan  # creation order comes from the index
 
 
-def _postgres_plan(url, statement, params=None):
-    """The plan of `statement`: with its values written in, or with `params`
-    sent as psycopg2 sends them (typed, e.g. '...'::timestamptz), which a
-    statement whose values meet in a UNION needs."""
+def _postgres_plan(url, statement, params=None, setting="enable_seqscan = off"):
+    """The plan of `statement` under `setting`: with its values written in,
+    or with `params` sent as psycopg2 sends them (typed, e.g.
+    '...'::timestamptz), which a statement whose values meet in a UNION needs."""
     engine = database.get_engine(url)
     if params is None:
         sql = str(
@@ -311,7 +312,7 @@ def _postgres_plan(url, statement, params=None):
         compiled = statement.compile(dialect=engine.dialect)
         sql, values = compiled.string, compiled.construct_params(params)
     with engine.connect() as connection:
-        connection.execute(text("SET enable_seqscan = off"))
+        connection.execute(text(f"SET {setting}"))
         rows = connection.exec_driver_sql(f"EXPLAIN {sql}", values).all()
         connection.rollback()
     return "\n".join(row[0] for row in rows)
@@ -327,21 +328,25 @@ def test_postgres_list_queries_use_an_index(document_id, status, order):
     assert "Index" in plan, plan
 
 
-def test_postgres_claim_uses_the_partial_pending_index():
-    url = postgres_url()
-    database.upgrade_schema(url)
+def _claim(limit: int) -> tuple[Any, dict]:
+    """The claim statement as repository.claim sends it (no outbox: no
+    event bus), and its values for a claim of `limit` jobs now."""
     now = datetime.now(UTC)
-    # As repository.claim sends it (no outbox: no event bus).
-    claim = drivers._pg_changes(repository.CLAIM_CHANGES, None)
     params = {
         "worker": "w",
-        "limit": 5,
+        "limit": limit,
         "moment": now,
         "lease_until": now,
         "actor": None,
         "reason": repository.LAPSED_ON_CANCEL,
     }
-    plan = _postgres_plan(url, claim, params)
+    return drivers._pg_changes(repository.CLAIM_CHANGES, None), params
+
+
+def test_postgres_claim_uses_the_partial_pending_index():
+    url = postgres_url()
+    database.upgrade_schema(url)
+    plan = _postgres_plan(url, *_claim(5))
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "ix_extraction_job_lease" in plan, plan  # the sweep in the same statement
     assert "LockRows" in plan, plan
@@ -352,8 +357,8 @@ def test_postgres_claim_reads_the_claim_index_after_a_burst_of_jobs():
     its index: with 30,000 pending jobs ANALYZE has not seen, the claim
     still reads the claim index in order (not every pending job through
     /stats' run_at index, then a sort: 38 ms a claim against 0.3 ms)."""
-    engine = database.get_engine(backend_url("postgresql", None))
-    with engine.begin() as connection:
+    url = backend_url("postgresql", None)
+    with database.get_engine(url).begin() as connection:
         connection.execute(text("ANALYZE extraction_job"))  # it saw none
         # The burst outlasts the app's statement timeout on a loaded machine.
         connection.execute(text("SET LOCAL statement_timeout = 0"))
@@ -365,27 +370,10 @@ def test_postgres_claim_reads_the_claim_index_after_a_burst_of_jobs():
                 "now(), now(), 0, 1 FROM generate_series(1, 30000) AS n"
             )
         )
-    now = datetime.now(UTC)
-    claim = drivers._pg_changes(repository.CLAIM_CHANGES, None)
-    compiled = claim.compile(dialect=engine.dialect)
-    params = {
-        "worker": "w",
-        "limit": 1,
-        "moment": now,
-        "lease_until": now,
-        "actor": None,
-        "reason": repository.LAPSED_ON_CANCEL,
-    }
-    with engine.connect() as connection:
-        # As the app's connections plan it: one generic plan.
-        connection.execute(text("SET plan_cache_mode = force_generic_plan"))
-        plan = "\n".join(
-            row[0]
-            for row in connection.exec_driver_sql(
-                f"EXPLAIN {compiled.string}", compiled.construct_params(params)
-            )
-        )
-        connection.rollback()
+    # As the app's connections plan it: one generic plan.
+    plan = _postgres_plan(
+        url, *_claim(1), setting="plan_cache_mode = force_generic_plan"
+    )
     assert "ix_extraction_job_pending_claim" in plan, plan
     assert "ix_extraction_job_status_run_at" not in plan, plan
 
